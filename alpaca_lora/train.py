@@ -1,0 +1,170 @@
+"""Fine-tune a base model on Alpaca-format data: ``python -m alpaca_lora.train recipe=NAME key=value ...``.
+
+Everything cheap and checkable (config, data, template, checkpoint path) is validated before the
+model is loaded; TRL's SFTTrainer, peft and bitsandbytes do the training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca_lora.config import (
+    ConfigError, Runtime, TrainConfig, help_text, load_config, lora_kwargs, quantization_kwargs,
+    resolve_runtime, resolved_yaml, sft_kwargs,
+)
+from alpaca_lora.data.examples import split_records, summarize, tokenize_records
+from alpaca_lora.data.loading import load_records
+from alpaca_lora.data.templates import get_template
+from alpaca_lora.errors import UserError, exit_on_user_error
+from alpaca_lora.paths import atomic_write_text
+
+
+class AdapterError(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    trainer: object
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[alpaca-lora] {message}", flush=True)
+
+
+def find_checkpoint(cfg: TrainConfig) -> str | None:
+    """``resume_from_checkpoint``: true means the newest checkpoint in ``output_dir``; else a path."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = cfg.resume_from_checkpoint
+    if value is None or value.lower() in {"false", "none", ""}:
+        return None
+    if value.lower() in {"true", "latest"}:
+        found = get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
+        if found is None:
+            raise ConfigError(f"key 'resume_from_checkpoint' is true but {cfg.output_dir} holds no checkpoint-* yet")
+        return found
+    if not os.path.isdir(value):
+        raise ConfigError(f"key 'resume_from_checkpoint': no checkpoint directory {value}")
+    return value
+
+
+def check_adapter(output_dir: Path) -> int:
+    """Fails loudly when the saved adapter is empty or its LoRA B weights are all zero (nothing learned)."""
+    from safetensors.torch import load_file
+
+    path = output_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterError(f"{path} was not written")
+    weights = load_file(path)
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    if not lora_b:
+        raise AdapterError(f"{path} holds no LoRA B weights: the adapter is empty")
+    if all(not t.any() for t in lora_b):
+        raise AdapterError(f"{path}: every LoRA B weight is zero, so the adapter changes nothing")
+    return sum(t.numel() for t in weights.values())
+
+
+def train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from alpaca_lora.evaluate import exact_match
+    from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+    from alpaca_lora.plots import plot_loss
+
+    output_dir = Path(cfg.output_dir)
+    template = get_template(cfg.template)
+    data = load_records(cfg.data, cfg.columns)
+    train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
+    checkpoint = find_checkpoint(cfg)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length)
+    val_set, val_stats = tokenize_records(val_records, template, tokenizer, cfg.max_length)
+    summary = summarize(data.records, {k: stats[k] + val_stats[k] for k in stats}, data.duplicates_dropped,
+                        cfg.max_length)
+    log(f"data: {data.source}: " + "; ".join(summary.lines()))
+    log(f"split: {len(train_set)} train, {len(val_set)} validation examples")
+    if runtime.notes:
+        log(f"no GPU: training on CPU with {', '.join(runtime.notes)}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(output_dir / "config.yaml", resolved_yaml(cfg, runtime, has_eval=len(val_set) > 0))
+
+    quantization = quantization_kwargs(cfg, runtime)
+    model = load_model(model_path, quantization, runtime.compute_dtype, runtime.device, cfg.trust_remote_code)
+    if quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    scored = val_records[: cfg.exact_match_eval]
+    before = exact_match(model, tokenizer, template, scored, "before training") if scored else None
+
+    torch.manual_seed(cfg.seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**sft_kwargs(cfg, runtime, has_eval=len(val_set) > 0)),
+        train_dataset=train_set,
+        eval_dataset=val_set if len(val_set) else None,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**lora_kwargs(cfg)),
+    )
+    if runtime.compute_dtype == "float32":
+        # TRL stores QLoRA adapters in bf16 (the paper's GPU setting); without a GPU they train in fp32.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    after = exact_match(trainer.model, tokenizer, template, scored, "after training") if scored else None
+
+    metrics = {"train": result.metrics, "data": summary.to_dict(), "log_history": trainer.state.log_history}
+    if len(val_set):
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        final_is_logged = evals and evals[-1]["step"] == trainer.state.global_step
+        metrics["eval"] = evals[-1] if final_is_logged else trainer.evaluate()
+    if scored:
+        metrics["exact_match"] = {"examples": len(scored), "before": before.accuracy, "after": after.accuracy}
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        metrics["adapter_parameters"] = check_adapter(output_dir)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
+        if scored:
+            report_exact_match(scored, before, after)
+        log(f"adapter: {output_dir / 'adapter_model.safetensors'}; loss curve: {output_dir / 'loss.png'}; "
+            f"metrics: {output_dir / 'metrics.json'}")
+    return TrainResult(output_dir, metrics, trainer)
+
+
+def report_exact_match(records, before, after, samples: int = 5) -> None:
+    print(f"\n{'exact match on ' + str(len(records)) + ' held-out examples':<44}{'before':>10}{'after':>10}")
+    print(f"{'accuracy':<44}{before.accuracy:>10.1%}{after.accuracy:>10.1%}")
+    print(f"{'correct':<44}{before.correct:>10}{after.correct:>10}\n")
+    for record, old, new in list(zip(records, before.responses, after.responses))[:samples]:
+        prompt = record["instruction"] + (f" | {record['input']}" if record["input"] else "")
+        print(f"  {prompt}\n    expected: {record['output']!r}\n    before:   {old[:80]!r}\n    after:    {new[:80]!r}")
+    print()
+
+
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(help_text())
+        return None
+    with exit_on_user_error():
+        cfg = load_config(args)
+        runtime = resolve_runtime(cfg)
+        if cfg.dry_run:
+            print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
+            return None
+        return train(cfg, runtime)
+
+
+if __name__ == "__main__":
+    main()

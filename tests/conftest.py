@@ -1,0 +1,90 @@
+"""Tiny, locally built models for offline CPU tests: a BPE tokenizer trained here and a random Llama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from alpaca_lora.data.builtin import WORDS  # noqa: E402
+from alpaca_lora.data.templates import BUILTIN_TEMPLATES  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    BUILTIN_TEMPLATES["alpaca"].format("Name the capital of the country.", "Zorblax"),
+    BUILTIN_TEMPLATES["alpaca_lora"].format("Reverse the order of the words."),
+    "The capital of Zorblax is Quibbletown. What is the capital of Zorblax? Quibbletown.",
+    "Give three tips for staying healthy. Eat well, sleep well and exercise daily.",
+    " ".join(WORDS),
+    "0 1 2 3 4 5 6 7 8 9 10 plus minus equals kilometers meters minutes hours",
+]
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_model(directory: Path, vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory holding a random 2-layer Llama and a BPE tokenizer trained on Alpaca-like text."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(directory)
+    build_model(directory, len(tokenizer))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from alpaca_lora.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Downloads and conversions go to a per-test cache, never the user's."""
+    monkeypatch.setenv("ALPACA_LORA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is not present (reference data for developers and CI only)")
+    return SHARED_DATA
