@@ -112,8 +112,11 @@ def load_config(overrides: list[str]) -> TrainConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"argument '{item}' is not key=value (see --help)")
-    dotlist = OmegaConf.from_dotlist(overrides)
-    recipe = str(dotlist.get("recipe", DEFAULT_RECIPE))
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except Exception as exc:  # a value that is not valid YAML, e.g. an unclosed list
+        raise ConfigError(f"command line: cannot parse {overrides}: {str(exc).splitlines()[0]}") from None
+    recipe = str(dotlist.get("recipe") or DEFAULT_RECIPE)
     path = recipe_path(recipe)
     try:
         recipe_yaml = OmegaConf.load(path)
@@ -143,7 +146,7 @@ def _describe(exc: OmegaConfBaseException, source: str) -> str:
     message = str(exc).splitlines()[0]
     if "not in" in message or type(exc).__name__ == "ConfigKeyError":
         return f"{source}: unknown key '{key}' (python -m alpaca_lora.train --help lists the keys)"
-    if "Missing mandatory value" in message:
+    if "missing mandatory value" in message.lower():
         return f"{source}: key '{key}' must be set"
     return f"{source}: key '{key}': {message}"
 
@@ -153,35 +156,40 @@ def validate(cfg: TrainConfig) -> None:
     from alpaca_lora.data.templates import get_template
 
     checks = [
-        (cfg.quant.bits in (4, 8, 16), "quant.bits", "must be 4, 8 or 16"),
-        (cfg.quant.quant_type in ("nf4", "fp4"), "quant.quant_type", "must be nf4 or fp4"),
-        (cfg.quant.compute_dtype in ("bfloat16", "float16", "float32"), "quant.compute_dtype",
+        (lambda: cfg.quant.bits in (4, 8, 16), "quant.bits", "must be 4, 8 or 16"),
+        (lambda: cfg.quant.quant_type in ("nf4", "fp4"), "quant.quant_type", "must be nf4 or fp4"),
+        (lambda: cfg.quant.compute_dtype in ("bfloat16", "float16", "float32"), "quant.compute_dtype",
          "must be bfloat16, float16 or float32"),
-        (cfg.device in ("auto", "cuda", "cpu"), "device", "must be auto, cuda or cpu"),
-        (cfg.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
-        (cfg.batch_size % (cfg.micro_batch_size * cfg.world_size) == 0, "batch_size",
+        (lambda: cfg.device in ("auto", "cuda", "cpu"), "device", "must be auto, cuda or cpu"),
+        (lambda: cfg.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
+        (lambda: cfg.world_size >= 1, "WORLD_SIZE", "(environment) must be at least 1"),
+        (lambda: cfg.batch_size % (cfg.micro_batch_size * cfg.world_size) == 0, "batch_size",
          f"must be a multiple of micro_batch_size x world size ({cfg.micro_batch_size} x {cfg.world_size})"),
-        (cfg.max_length >= 8, "max_length", "must be at least 8"),
-        (cfg.val_set_size >= 0, "val_set_size", "must be 0 or more"),
-        (cfg.max_steps > 0 or cfg.num_epochs > 0, "num_epochs", "must be positive when max_steps is -1"),
-        (cfg.learning_rate > 0, "learning_rate", "must be positive"),
-        (cfg.warmup >= 0, "warmup", "must be 0 or more"),
-        (cfg.lora.r >= 1, "lora.r", "must be at least 1"),
-        (bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module"),
-        (set(cfg.columns) <= {"instruction", "input", "output"}, "columns",
+        (lambda: cfg.max_length >= 8, "max_length", "must be at least 8"),
+        (lambda: cfg.val_set_size >= 0, "val_set_size", "must be 0 or more"),
+        (lambda: cfg.max_steps > 0 or cfg.num_epochs > 0, "num_epochs", "must be positive when max_steps is -1"),
+        (lambda: cfg.learning_rate > 0, "learning_rate", "must be positive"),
+        (lambda: cfg.warmup >= 0, "warmup", "must be 0 or more"),
+        (lambda: cfg.lora.r >= 1, "lora.r", "must be at least 1"),
+        (lambda: bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module"),
+        (lambda: set(cfg.columns) <= {"instruction", "input", "output"}, "columns",
          "may only map instruction, input and output"),
-        (cfg.exact_match_eval <= 0 or cfg.val_set_size > 0, "exact_match_eval", "needs a validation split (val_set_size)"),
+        (lambda: cfg.exact_match_eval <= 0 or cfg.val_set_size > 0, "exact_match_eval",
+         "needs a validation split (val_set_size)"),
     ]
-    for ok, key, message in checks:
-        if not ok:
+    for ok, key, message in checks:  # in order: later checks may rely on earlier ones
+        if not ok():
             raise ConfigError(f"key '{key}' {message}")
+    try:
+        get_template(cfg.template)
+    except UserError as exc:
+        raise ConfigError(f"key 'template': {exc}") from None
     from trl import SFTConfig
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     for key in cfg.sft:
         if key not in known:
             raise ConfigError(f"key 'sft.{key}' is not an SFTConfig field")
-    get_template(cfg.template)
 
 
 def help_text() -> str:
@@ -227,7 +235,8 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     if device == "cuda":
         bf16 = cfg.quant.compute_dtype == "bfloat16"
         return Runtime(device, cfg.quant.compute_dtype, cfg.optim, bf16, [])
-    optim = cfg.optim.replace("paged_", "") if "paged" in cfg.optim else cfg.optim
+    # Paged optimizers page GPU memory; on CPU the plain torch AdamW is the equivalent.
+    optim = "adamw_torch" if cfg.optim.startswith("paged_adamw") else cfg.optim.replace("paged_", "")
     notes = ["float32 compute", "bf16 off"]
     if optim != cfg.optim:
         notes.append(f"optimizer {optim} instead of {cfg.optim}")

@@ -17,8 +17,13 @@ class ExactMatch:
 
 
 def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[str, str]], label: str,
-                max_new_tokens: int = 32, batch_size: int = 16) -> ExactMatch:
-    """Share of records whose greedy response equals the reference output (whitespace-trimmed)."""
+                batch_size: int = 16) -> ExactMatch:
+    """Share of records whose greedy response equals the reference output (whitespace-trimmed).
+
+    Generation stops a few tokens past the longest reference: a longer answer cannot match anyway.
+    """
+    reference_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    max_new_tokens = max(map(len, reference_ids), default=1) + 4
     responses = generate_responses(model, tokenizer, template, records, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=f"exact match ({label})")
     correct = sum(response == record["output"].strip() for response, record in zip(responses, records))

@@ -72,7 +72,8 @@ def check_adapter(output_dir: Path) -> int:
     return sum(t.numel() for t in weights.values())
 
 
-def train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
+def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> TrainResult:
+    """The whole run; ``callbacks`` are transformers ``TrainerCallback``s (progress hooks, tests)."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -99,6 +100,10 @@ def train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(output_dir / "config.yaml", resolved_yaml(cfg, runtime, has_eval=len(val_set) > 0))
 
+    try:  # SFTConfig checks its own fields: do it before the expensive part
+        args = SFTConfig(**sft_kwargs(cfg, runtime, has_eval=len(val_set) > 0))
+    except ValueError as exc:
+        raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
     quantization = quantization_kwargs(cfg, runtime)
     model = load_model(model_path, quantization, runtime.compute_dtype, runtime.device, cfg.trust_remote_code)
     if quantization:
@@ -109,11 +114,12 @@ def train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
     torch.manual_seed(cfg.seed)
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(**sft_kwargs(cfg, runtime, has_eval=len(val_set) > 0)),
+        args=args,
         train_dataset=train_set,
         eval_dataset=val_set if len(val_set) else None,
         processing_class=tokenizer,
         peft_config=LoraConfig(**lora_kwargs(cfg)),
+        callbacks=callbacks,
     )
     if runtime.compute_dtype == "float32":
         # TRL stores QLoRA adapters in bf16 (the paper's GPU setting); without a GPU they train in fp32.

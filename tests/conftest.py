@@ -55,6 +55,7 @@ def build_model(directory: Path, vocab_size: int, seed: int = 0):
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        initializer_range=0.2,  # large random weights: LoRA moves the outputs within a few steps
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)

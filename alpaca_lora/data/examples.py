@@ -60,9 +60,8 @@ def tokenize_records(
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: set one, or the model never learns to stop")
     eos = tokenizer.eos_token_id
-    prompts = [template.format(r["instruction"], r["input"]) for r in records]
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    prompt_ids = [encode_prompt(tokenizer, template.format(r["instruction"], r["input"])) for r in records]
+    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"] if records else []
     rows = {"input_ids": [], "completion_mask": []}
     full_lengths, truncated, dropped = [], 0, 0
     for prompt, response in zip(prompt_ids, response_ids):
