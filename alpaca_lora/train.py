@@ -152,7 +152,10 @@ def report_exact_match(records, before, after, samples: int = 5) -> None:
     print(f"\n{'exact match on ' + str(len(records)) + ' held-out examples':<44}{'before':>10}{'after':>10}")
     print(f"{'accuracy':<44}{before.accuracy:>10.1%}{after.accuracy:>10.1%}")
     print(f"{'correct':<44}{before.correct:>10}{after.correct:>10}\n")
-    for record, old, new in list(zip(records, before.responses, after.responses))[:samples]:
+    rows = list(zip(records, before.responses, after.responses))
+    right = [row for row in rows if row[2] == row[0]["output"].strip()]
+    wrong = [row for row in rows if row[2] != row[0]["output"].strip()]
+    for record, old, new in right[: samples - min(2, len(wrong))] + wrong[:2]:  # some of each
         prompt = record["instruction"] + (f" | {record['input']}" if record["input"] else "")
         print(f"  {prompt}\n    expected: {record['output']!r}\n    before:   {old[:80]!r}\n    after:    {new[:80]!r}")
     print()
