@@ -37,7 +37,7 @@ def tiny_run(model_dir, tmp_path, *overrides, records=RECORDS):
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_training_lowers_loss_and_writes_a_real_adapter(tiny_model_dir, tmp_path, bits):
     result = main(tiny_run(tiny_model_dir, tmp_path, f"quant.bits={bits}", "max_steps=12", "val_set_size=4",
-                           "eval_steps=6", "save_steps=6"))
+                           "eval_steps=6", "save_steps=6", "report_to=[tensorboard]"))
     out = tmp_path / "out"
     losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
     assert len(losses) == 12
@@ -48,6 +48,7 @@ def test_training_lowers_loss_and_writes_a_real_adapter(tiny_model_dir, tmp_path
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert list((out / "runs").glob("*/events.out.tfevents.*")), "TensorBoard logs are on by default"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["rows"] == len(RECORDS) and metrics["eval"]["eval_loss"] > 0
     if bits < 16:
@@ -81,12 +82,24 @@ def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupte
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_resume_from_an_explicit_checkpoint_path(tiny_model_dir, tmp_path):
+    main(tiny_run(tiny_model_dir, tmp_path, "max_steps=2", "save_steps=2"))
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    counter = StepCounter()
+    cfg = load_config(tiny_run(tiny_model_dir, tmp_path, "max_steps=3", f"resume_from_checkpoint={checkpoint}"))
+    train(cfg, resolve_runtime(cfg), callbacks=[counter])
+    assert counter.steps == [3]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error_before_loading(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_run(tiny_model_dir, tmp_path, "max_steps=2", "resume_from_checkpoint=true"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: key 'resume_from_checkpoint'") and "checkpoint" in err[-1]
+    with pytest.raises(SystemExit):
+        main(tiny_run(tiny_model_dir, tmp_path, "max_steps=2", f"resume_from_checkpoint={tmp_path / 'nope'}"))
+    assert "no checkpoint directory" in capsys.readouterr().err
 
 
 def test_a_learned_fact_is_answered_by_greedy_generation_and_then_stops(tiny_model_dir, tmp_path):
