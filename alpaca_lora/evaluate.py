@@ -14,6 +14,7 @@ class ExactMatch:
     correct: int
     total: int
     responses: list[str]
+    matches: list[bool]
 
 
 def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[str, str]], label: str,
@@ -26,5 +27,5 @@ def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[s
     max_new_tokens = max(map(len, reference_ids), default=1) + 4
     responses = generate_responses(model, tokenizer, template, records, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=f"exact match ({label})")
-    correct = sum(response == record["output"].strip() for response, record in zip(responses, records))
-    return ExactMatch(correct / max(len(records), 1), correct, len(records), responses)
+    matches = [response == record["output"].strip() for response, record in zip(responses, records)]
+    return ExactMatch(sum(matches) / max(len(records), 1), sum(matches), len(records), responses, matches)

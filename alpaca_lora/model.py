@@ -93,6 +93,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def train_adapters_in_float32(model) -> None:
+    """TRL stores QLoRA adapters in bf16 (the paper's GPU setting); on CPU, bf16 matmuls are about 2x
+    slower than fp32, so without a GPU the trainable parameters are kept in float32."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
 def load_model(path: str, quantization: dict | None, compute_dtype: str, device: str, trust_remote_code: bool = False):
     """The frozen base: quantized through bitsandbytes when ``quantization`` is given, else 16-bit (fp32 on CPU)."""
     dtype = DTYPES[compute_dtype]

@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from trl import SFTConfig, SFTTrainer
 
     from alpaca_lora.evaluate import exact_match
-    from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+    from alpaca_lora.model import load_model, load_tokenizer, resolve_model, train_adapters_in_float32
     from alpaca_lora.plots import plot_loss
 
     output_dir = Path(cfg.output_dir)
@@ -95,13 +95,14 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
                         cfg.max_length)
     log(f"data: {data.source}: " + "; ".join(summary.lines()))
     log(f"split: {len(train_set)} train, {len(val_set)} validation examples")
+    has_eval = len(val_set) > 0
     if runtime.notes:
         log(f"no GPU: training on CPU with {', '.join(runtime.notes)}")
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(output_dir / "config.yaml", resolved_yaml(cfg, runtime, has_eval=len(val_set) > 0))
+        atomic_write_text(output_dir / "config.yaml", resolved_yaml(cfg, runtime, has_eval))
 
     try:  # SFTConfig checks its own fields: do it before the expensive part
-        args = SFTConfig(**sft_kwargs(cfg, runtime, has_eval=len(val_set) > 0))
+        args = SFTConfig(**sft_kwargs(cfg, runtime, has_eval))
     except ValueError as exc:
         raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
     quantization = quantization_kwargs(cfg, runtime)
@@ -116,21 +117,18 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=val_set if len(val_set) else None,
+        eval_dataset=val_set if has_eval else None,
         processing_class=tokenizer,
         peft_config=LoraConfig(**lora_kwargs(cfg)),
         callbacks=callbacks,
     )
     if runtime.compute_dtype == "float32":
-        # TRL stores QLoRA adapters in bf16 (the paper's GPU setting); without a GPU they train in fp32.
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        train_adapters_in_float32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     after = exact_match(trainer.model, tokenizer, template, scored, "after training") if scored else None
 
     metrics = {"train": result.metrics, "data": summary.to_dict(), "log_history": trainer.state.log_history}
-    if len(val_set):
+    if has_eval:
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
         final_is_logged = evals and evals[-1]["step"] == trainer.state.global_step
         metrics["eval"] = evals[-1] if final_is_logged else trainer.evaluate()
@@ -152,9 +150,9 @@ def report_exact_match(records, before, after, samples: int = 5) -> None:
     print(f"\n{'exact match on ' + str(len(records)) + ' held-out examples':<44}{'before':>10}{'after':>10}")
     print(f"{'accuracy':<44}{before.accuracy:>10.1%}{after.accuracy:>10.1%}")
     print(f"{'correct':<44}{before.correct:>10}{after.correct:>10}\n")
-    rows = list(zip(records, before.responses, after.responses))
-    right = [row for row in rows if row[2] == row[0]["output"].strip()]
-    wrong = [row for row in rows if row[2] != row[0]["output"].strip()]
+    rows = list(zip(records, before.responses, after.responses, after.matches))
+    right = [row[:3] for row in rows if row[3]]
+    wrong = [row[:3] for row in rows if not row[3]]
     for record, old, new in right[: samples - min(2, len(wrong))] + wrong[:2]:  # some of each
         prompt = record["instruction"] + (f" | {record['input']}" if record["input"] else "")
         print(f"  {prompt}\n    expected: {record['output']!r}\n    before:   {old[:80]!r}\n    after:    {new[:80]!r}")

@@ -93,7 +93,7 @@ def run_baseline(cfg, records, out_dir, meter):
 
     from alpaca_lora.config import lora_kwargs, quantization_kwargs, resolve_runtime, sft_kwargs
     from alpaca_lora.data.templates import get_template
-    from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+    from alpaca_lora.model import load_model, load_tokenizer, resolve_model, train_adapters_in_float32
 
     runtime = resolve_runtime(cfg)
     path = resolve_model(cfg.model)
@@ -105,9 +105,7 @@ def run_baseline(cfg, records, out_dir, meter):
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, LoraConfig(**lora_kwargs(cfg)))
     if runtime.compute_dtype == "float32":  # as ours: trainable adapters in fp32 on CPU
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        train_adapters_in_float32(model)
     # Same optimizer, schedule, clipping, checkpointing and seed as ours; only sampling differs.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs = {k: v for k, v in sft_kwargs(cfg, runtime, has_eval=False).items() if k in fields}
