@@ -12,22 +12,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from alpaca_lora.errors import UserError
+from alpaca_lora.settings import ConfigError, build, key_lines, parse_overrides
+from alpaca_lora.settings import key as _key
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "qlora"
-
-
-class ConfigError(UserError):
-    pass
-
-
-def _key(default: Any, help: str, **kwargs) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -109,46 +100,17 @@ def recipe_path(name: str) -> Path:
 
 def load_config(overrides: list[str]) -> TrainConfig:
     """Defaults <- recipe YAML <- ``key=value`` overrides, as a validated :class:`TrainConfig`."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"argument '{item}' is not key=value (see --help)")
-    try:
-        dotlist = OmegaConf.from_dotlist(overrides)
-    except Exception as exc:  # a value that is not valid YAML, e.g. an unclosed list
-        raise ConfigError(f"command line: cannot parse {overrides}: {str(exc).splitlines()[0]}") from None
+    dotlist = parse_overrides(overrides)
     recipe = str(dotlist.get("recipe") or DEFAULT_RECIPE)
     path = recipe_path(recipe)
     try:
         recipe_yaml = OmegaConf.load(path)
     except Exception as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    schema = OmegaConf.structured(TrainConfig)
-    merged = _merge(schema, recipe_yaml, source=str(path))
-    merged = _merge(merged, dotlist, source="command line")
-    merged.recipe = recipe
-    try:
-        cfg: TrainConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, "configuration")) from None
+    cfg: TrainConfig = build(TrainConfig, [(str(path), recipe_yaml), ("command line", dotlist)], "alpaca_lora.train")
+    cfg.recipe = recipe
     validate(cfg)
     return cfg
-
-
-def _merge(base, update, source: str):
-    try:
-        return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, source)) from None
-
-
-def _describe(exc: OmegaConfBaseException, source: str) -> str:
-    key = getattr(exc, "full_key", None) or "?"
-    message = str(exc).splitlines()[0]
-    if "not in" in message or type(exc).__name__ == "ConfigKeyError":
-        return f"{source}: unknown key '{key}' (python -m alpaca_lora.train --help lists the keys)"
-    if "missing mandatory value" in message.lower():
-        return f"{source}: key '{key}' must be set"
-    return f"{source}: key '{key}': {message}"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -199,18 +161,7 @@ def help_text() -> str:
         f"recipes: {recipes} (default {DEFAULT_RECIPE}); a recipe sets its own values, dry_run=true shows them",
         "keys (dotted keys set nested ones, e.g. lora.r=16), with their built-in defaults:",
     ]
-
-    def describe(cls, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.default_factory):
-                describe(f.default_factory, f"{prefix}{f.name}.")
-                continue
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = "required" if default == MISSING else repr(default)
-            lines.append(f"  {prefix + f.name:<26} {f.metadata['help']} [{shown}]")
-
-    describe(TrainConfig, "")
-    return "\n".join(lines)
+    return "\n".join(lines + key_lines(TrainConfig))
 
 
 @dataclass
