@@ -35,14 +35,15 @@ class LoadedData:
     duplicates_dropped: int
 
 
-def load_records(source: str, columns: dict[str, str] | None = None) -> LoadedData:
+def load_records(source: str, columns: dict[str, str] | None = None, allow_empty: bool = False) -> LoadedData:
     """Reads, maps, validates and de-duplicates one source; raises :class:`DataError` on the first bad record.
 
-    ``columns`` maps our field names to the source's, e.g. ``{"output": "response"}``.
+    ``columns`` maps our field names to the source's, e.g. ``{"output": "response"}``. Empty
+    instructions and outputs are errors unless ``allow_empty`` (for the cleaner, which drops them).
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS}
     label, raw = _read_source(source)
-    records = [_validate(record, where, label, columns) for where, record in raw]
+    records = [_validate(record, where, label, columns, allow_empty) for where, record in raw]
     seen: set[tuple[str, ...]] = set()
     unique = []
     for record in records:
@@ -110,7 +111,7 @@ def _read_hub_dataset(name: str) -> Iterable[tuple[str, Any]]:
     return ((f"record [{i}]", r) for i, r in enumerate(dataset))
 
 
-def _validate(record: Any, where: str, label: str, columns: dict[str, str]) -> dict[str, str]:
+def _validate(record: Any, where: str, label: str, columns: dict[str, str], allow_empty: bool) -> dict[str, str]:
     if not isinstance(record, dict):
         raise DataError(f"{label}: {where}: expected an object with {list(columns.values())}, "
                         f"found a JSON {type(record).__name__}")
@@ -123,7 +124,7 @@ def _validate(record: Any, where: str, label: str, columns: dict[str, str]) -> d
             raise DataError(f"{label}: {where}: field '{column}' is missing")
         if not isinstance(value, str):
             raise DataError(f"{label}: {where}: field '{column}' must be a string, found {type(value).__name__}")
-        if field != "input" and not value.strip():
+        if field != "input" and not value.strip() and not allow_empty:
             raise DataError(f"{label}: {where}: field '{column}' is empty")
         clean[field] = value
     return clean

@@ -1,0 +1,115 @@
+"""``python -m alpaca_lora.data.self_instruct [mode=generate|regenerate|clean] key=value ...``
+
+Everything checkable (keys, seed tasks, prompt, input data, prices, the journal) is checked before
+the first request. Every finished request is journaled, so the same command resumes a stopped run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from alpaca_lora.data.loading import load_records
+from alpaca_lora.data.self_instruct.clean import clean_records
+from alpaca_lora.data.self_instruct.engine import Budget, Totals, run_requests, summary
+from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
+from alpaca_lora.data.self_instruct.journal import Journal
+from alpaca_lora.data.self_instruct.settings import BuilderConfig, help_text, load_builder_config
+from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
+from alpaca_lora.data.self_instruct.teacher import Teacher, price_per_million
+from alpaca_lora.data.templates import get_template
+from alpaca_lora.errors import UserError, exit_on_user_error
+from alpaca_lora.paths import atomic_write_text
+
+EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
+
+
+def log(message: str) -> None:
+    print(f"[self-instruct] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text())
+        return 0
+    with exit_on_user_error():
+        cfg = load_builder_config(argv)
+        return clean(cfg) if cfg.mode == "clean" else ask_teacher(cfg)
+
+
+def ask_teacher(cfg: BuilderConfig) -> int:
+    if cfg.mode == "generate":
+        seeds = load_seed_tasks(cfg.seed_tasks)
+        if len(seeds) < cfg.prompt_tasks:
+            raise UserError(f"{cfg.seed_tasks}: {len(seeds)} seed tasks, fewer than prompt_tasks={cfg.prompt_tasks}")
+        job = GenerateJob(seeds, _read_prompt(cfg.prompt_file), cfg.prompt_tasks, cfg.target, cfg.similarity, cfg.seed)
+    else:
+        data = load_records(cfg.input)
+        job = RegenerateJob(data.records, get_template(cfg.template), data.source)
+    price = price_per_million(cfg.model, cfg.prices, cfg.price_input, cfg.price_output)
+    if cfg.max_cost is not None and price is None:
+        raise UserError(f"max_cost needs a price for model '{cfg.model}': set price_input and price_output "
+                        "(USD per million tokens) or prices=FILE")
+    journal = Journal(cfg.journal_path)
+    entries = journal.read()
+    job.restore(entries)
+    totals = Totals()
+    for entry in entries:
+        totals.add(entry)
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                "stop": cfg.stop_sequences or None, "extra_body": cfg.extra_body or None}
+    teacher = Teacher(cfg.model, cfg.base_url, cfg.api, {k: v for k, v in sampling.items() if v is not None},
+                      cfg.timeout, cfg.max_retries, price)
+    log(f"{cfg.mode}: model {cfg.model} at {teacher.client.base_url}, {cfg.api} API, "
+        f"{cfg.concurrency} requests in flight; journal {journal.path}")
+    if entries:
+        log(f"resuming: {job.done()} records from {totals.requests} earlier requests")
+
+    started = time.monotonic()
+    budget = Budget(cfg.concurrency, cfg.requests_per_minute, cfg.max_requests, cfg.max_cost)
+    stop = run_requests(job, teacher, journal, budget, totals, cfg.mode, desc=cfg.mode)
+    records = job.final_records()
+    atomic_write_text(cfg.output_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    report = {"mode": cfg.mode, "model": cfg.model, "endpoint": str(teacher.client.base_url),
+              "output": str(cfg.output_path), "journal": str(journal.path),
+              **summary(job, totals, teacher, stop, time.monotonic() - started, job.total)}
+    atomic_write_text(cfg.summary_path, json.dumps(report, indent=2) + "\n")
+    cost = "" if report["cost_usd"] is None else f", ${report['cost_usd']:,.4f}"
+    log(f"{len(records)} of {job.total} records in {cfg.output_path} after {totals.requests} requests"
+        f" ({totals.prompt_tokens + totals.completion_tokens:,} tokens{cost}); stopped: {stop}")
+    if report["discarded"]:
+        log("discarded: " + ", ".join(f"{reason} {n}" for reason, n in report["discarded"].items()))
+    if not job.finished():
+        log("run the same command again to continue (raise max_requests / max_cost if one was reached)")
+    log(f"summary: {cfg.summary_path}")
+    return EXIT_CODES.get(stop, 0)
+
+
+def clean(cfg: BuilderConfig) -> int:
+    data = load_records(cfg.input, allow_empty=True)
+    report = clean_records(data.records, duplicates_already_dropped=data.duplicates_dropped)
+    atomic_write_text(cfg.output_path, json.dumps(report.kept, indent=2, ensure_ascii=False) + "\n")
+    report_path = cfg.output_path.with_name(cfg.output_path.stem + ".clean_report.json")
+    atomic_write_text(report_path, json.dumps(report.as_dict(), indent=2, ensure_ascii=False) + "\n")
+    log(f"{report.rows_in} records in, {len(report.kept)} out: {cfg.output_path}")
+    for kind, counts in (("dropped", report.dropped), ("fixed", report.fixed)):
+        for reason, n in counts.most_common():
+            log(f"  {kind:<8} {reason:<28} {n}")
+    log(f"report with examples: {report_path}")
+    return 0
+
+
+def _read_prompt(path: str | None) -> str:
+    if path is None:
+        return DEFAULT_PROMPT
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the prompt file: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Runs a job's requests against the teacher: many in flight, at a steady rate if asked, within a
+request and cost budget, journaling each finished request so that the same command resumes."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from alpaca_lora.data.self_instruct.journal import Journal
+from alpaca_lora.data.self_instruct.teacher import Reply, Teacher
+
+# This many failed requests in a row (each after all its retries) means the endpoint is down.
+MAX_CONSECUTIVE_FAILURES = 10
+
+
+class Job(Protocol):
+    """What a mode asks of the engine; ``accept`` runs in the main thread, one reply at a time."""
+
+    total: int
+
+    def restore(self, entries: list[dict]) -> None: ...
+    def next_prompt(self, number: int) -> tuple[int, str] | None: ...
+    def accept(self, key: int, reply: Reply) -> dict: ...
+    def done(self) -> int: ...
+    def finished(self) -> bool: ...
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    problems: Counter = field(default_factory=Counter)  # failed_request, malformed_reply, empty_reply
+    discarded: Counter = field(default_factory=Counter)
+    succeeded: int = 0
+
+    def add(self, entry: dict) -> None:
+        self.requests += 1
+        self.retries += entry["retries"]
+        self.prompt_tokens += entry["prompt_tokens"]
+        self.completion_tokens += entry["completion_tokens"]
+        if entry["problem"]:
+            self.problems[entry["problem"]] += 1
+        else:
+            self.succeeded += 1
+        self.discarded.update(entry["discarded"])
+
+
+@dataclass
+class Budget:
+    concurrency: int
+    requests_per_minute: float | None
+    max_requests: int | None
+    max_cost: float | None
+
+
+def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, totals: Totals,
+                 mode: str, desc: str) -> str:
+    """Runs until the job is finished or a limit is reached; returns why it stopped."""
+    number = totals.requests
+    in_flight: dict = {}
+    next_start = 0.0
+    failures_in_a_row = 0
+    stop = None
+    bar = tqdm(total=job.total, initial=job.done(), desc=desc, unit="rec", dynamic_ncols=True)
+    pool = ThreadPoolExecutor(budget.concurrency)
+    try:
+        while True:
+            if stop is None:
+                stop = ("finished" if job.finished() else
+                        "endpoint_failing" if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES else
+                        _budget_stop(budget, totals, teacher, len(in_flight)))
+            while stop is None and len(in_flight) < budget.concurrency and time.monotonic() >= next_start:
+                if not _may_start_another(budget, totals, teacher, len(in_flight)):
+                    break
+                request = job.next_prompt(number)
+                if request is None:
+                    break
+                key, prompt = request
+                in_flight[pool.submit(teacher.complete, prompt)] = (number, key)
+                number += 1
+                if budget.requests_per_minute:
+                    next_start = time.monotonic() + 60.0 / budget.requests_per_minute
+            if not in_flight:
+                if stop is not None:
+                    break
+                if time.monotonic() < next_start:
+                    time.sleep(next_start - time.monotonic())
+                    continue
+                stop = "nothing_left"  # every remaining item was tried in this run
+                break
+            timeout = max(0.0, next_start - time.monotonic()) if next_start > time.monotonic() else None
+            finished, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in finished:
+                request_number, key = in_flight.pop(future)
+                reply = future.result()  # raises EndpointError: stop the run
+                entry = {"request": request_number, "mode": mode, "prompt_tokens": reply.prompt_tokens,
+                         "completion_tokens": reply.completion_tokens, "retries": reply.retries,
+                         "problem": reply.problem, **job.accept(key, reply)}
+                journal.append(entry)
+                totals.add(entry)
+                failures_in_a_row = failures_in_a_row + 1 if reply.problem == "failed_request" else 0
+                bar.n = job.done()
+                bar.set_postfix_str(_postfix(totals, teacher), refresh=True)
+    except KeyboardInterrupt:
+        stop = "interrupted"
+    finally:
+        bar.close()
+        if in_flight:  # interrupted or failed: abandon them, their replies would not be journaled
+            teacher.close()
+        pool.shutdown(wait=not in_flight, cancel_futures=True)
+    return stop
+
+
+def _budget_stop(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> str | None:
+    if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
+        return "max_requests"
+    if budget.max_cost is not None:
+        spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+        if spent >= budget.max_cost or (in_flight == 0 and totals.succeeded
+                                        and spent + spent / totals.succeeded > budget.max_cost):
+            return "max_cost"
+    return None
+
+
+def _may_start_another(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> bool:
+    """Whether one more request fits the budget, counting those in flight at the average cost so far."""
+    if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
+        return False
+    if budget.max_cost is None:
+        return True
+    if not totals.succeeded:
+        return in_flight == 0  # no cost measured yet: one request at a time
+    spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+    return spent + (in_flight + 1) * spent / totals.succeeded <= budget.max_cost
+
+
+def _postfix(totals: Totals, teacher: Teacher) -> str:
+    cost = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+    dropped = ", ".join(f"{reason} {count}" for reason, count in totals.discarded.most_common())
+    problems = ", ".join(f"{reason} {count}" for reason, count in totals.problems.most_common())
+    return " | ".join(filter(None, [
+        f"requests {totals.requests}", f"tokens {totals.prompt_tokens + totals.completion_tokens:,}",
+        _dollars(cost) if cost is not None else "", f"dropped: {dropped}" if dropped else "", problems]))
+
+
+def _dollars(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}"
+
+
+def summary(job: Job, totals: Totals, teacher: Teacher, stop: str, elapsed: float, target: int) -> dict:
+    cost = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+    done = job.done()
+    per_record = {"prompt_tokens": round(totals.prompt_tokens / done, 1) if done else None,
+                  "completion_tokens": round(totals.completion_tokens / done, 1) if done else None}
+    return {
+        "stop_reason": stop, "complete": job.finished(), "records": done, "target": target,
+        "requests": totals.requests, "retries": totals.retries,
+        **{problem: totals.problems[problem] for problem in ("failed_request", "malformed_reply", "empty_reply")},
+        "prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens,
+        "cost_usd": None if cost is None else round(cost, 4),
+        "price_usd_per_million_tokens": None if teacher.price is None else
+        {"input": teacher.price[0], "output": teacher.price[1]},
+        "tokens_per_record": per_record,
+        "projected_cost_usd_for_target": round(cost / done * target, 4) if cost is not None and done else None,
+        "discarded": dict(totals.discarded.most_common()),
+        "seconds_this_run": round(elapsed, 1),
+    }

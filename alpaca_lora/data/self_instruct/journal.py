@@ -1,0 +1,44 @@
+"""The append-only JSONL journal that makes a run resumable: one line per finished request, written
+in one piece and flushed to disk, so a run killed at any instant (even ``kill -9``) leaves at most
+one partial last line, which the next run drops before appending."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from alpaca_lora.data.loading import DataError
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[dict]:
+        """Every complete entry; a torn last line (a crash mid-write) is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        entries = []
+        for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{self.path}: line {number}: not valid JSON ({exc.msg}); "
+                                "the journal was edited or is not ours") from None
+            if not isinstance(entry, dict) or "request" not in entry:
+                raise DataError(f"{self.path}: line {number}: field 'request' is missing; not a journal of ours")
+            entries.append(entry)
+        if len(complete) < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+        return entries
+
+    def append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,120 @@
+"""The teacher model behind any OpenAI-compatible endpoint, through the official ``openai`` client.
+
+The client retries 429 (honouring ``Retry-After``), 5xx, timeouts and dropped connections with
+exponential backoff and jitter; we count its retries, sum token usage and price it, and turn every
+other kind of failure into a counted, skippable :class:`Reply` -- except a request the endpoint
+rejects as such (a bad key, an unknown model), which no retry can fix and which stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import yaml
+
+from alpaca_lora.errors import UserError
+
+# USD per million tokens (input, output), from the providers' published price lists (2025);
+# prices change: override them with prices=FILE or price_input= / price_output=.
+PRICES = {
+    "gpt-5-nano": (0.05, 0.40), "gpt-5-mini": (0.25, 2.00), "gpt-5": (1.25, 10.00),
+    "gpt-4.1-nano": (0.10, 0.40), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1": (2.00, 8.00),
+    "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+
+class EndpointError(UserError):
+    """The endpoint rejected the request itself (authentication, model name, a parameter)."""
+
+
+@dataclass
+class Reply:
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    problem: str | None = None  # failed_request, malformed_reply or empty_reply
+
+
+def price_per_million(model: str, prices_file: str | None, price_input: float | None,
+                      price_output: float | None) -> tuple[float, float] | None:
+    """(input, output) USD per million tokens for ``model``, or None when unknown.
+
+    A dated snapshot such as ``gpt-4o-mini-2024-07-18`` takes its family's price.
+    """
+    table = dict(PRICES)
+    if prices_file:
+        try:
+            loaded = yaml.safe_load(Path(prices_file).read_text(encoding="utf-8"))
+            table.update({name: (float(p["input"]), float(p["output"])) for name, p in loaded.items()})
+        except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{prices_file}: expected {{model: {{input: USD, output: USD}}}} per million tokens "
+                            f"({type(exc).__name__}: {exc})") from None
+    family = max((name for name in table if model == name or model.startswith(name + "-")), key=len, default=None)
+    known = table.get(family)
+    if price_input is None and price_output is None:
+        return known
+    if known is None and (price_input is None or price_output is None):
+        raise UserError(f"no price for model '{model}': set both price_input and price_output")
+    return (price_input if price_input is not None else known[0],
+            price_output if price_output is not None else known[1])
+
+
+class Teacher:
+    def __init__(self, model: str, base_url: str | None, api: str, sampling: dict, timeout: float,
+                 max_retries: int, price: tuple[float, float] | None):
+        api_key = os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            if not (base_url or os.environ.get("OPENAI_BASE_URL")):
+                raise UserError("OPENAI_API_KEY is not set (the key is read from the environment only)")
+            api_key = "unused"  # local servers (vLLM, Ollama, llama.cpp) usually need none
+        self.model, self.api, self.sampling, self.price = model, api, sampling, price
+        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if self.price is None:
+            return None
+        return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
+
+    def complete(self, prompt: str) -> Reply:
+        """One request, with the client's retries; never raises except :class:`EndpointError`."""
+        try:
+            if self.api == "chat":
+                raw = self.client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], **self.sampling)
+            else:
+                raw = self.client.completions.with_raw_response.create(
+                    model=self.model, prompt=prompt, **self.sampling)
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError):
+            return Reply(retries=self.client.max_retries, problem="failed_request")
+        except openai.APIStatusError as exc:
+            if exc.status_code in (408, 409) or exc.status_code >= 500:
+                return Reply(retries=self.client.max_retries, problem="failed_request")
+            raise EndpointError(f"{self.client.base_url}: {exc.status_code} {_message(exc)}") from None
+        try:
+            completion = raw.parse()
+            choice = completion.choices[0]
+            text = choice.message.content if self.api == "chat" else choice.text
+            usage = completion.usage
+            prompt_tokens = int(usage.prompt_tokens) if usage else 0
+            completion_tokens = int(usage.completion_tokens) if usage else 0
+        except (openai.APIResponseValidationError, AttributeError, IndexError, TypeError, ValueError):
+            return Reply(retries=raw.retries_taken, problem="malformed_reply")
+        return Reply(text=text, finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
+                     completion_tokens=completion_tokens, retries=raw.retries_taken,
+                     problem=None if text and text.strip() else "empty_reply")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    message = error.get("message") if isinstance(error, dict) else None
+    return (message or json.dumps(body) or exc.message).splitlines()[0]
