@@ -49,7 +49,7 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
-                    server.received.append({"path": self.path, "body": body, "headers": dict(self.headers),
+                    server.received.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()},
                                             "time": time.monotonic()})
                     action = server.script.pop(0) if server.script else None
                 if action is None:

@@ -66,7 +66,7 @@ class StepCounter(TrainerCallback):
 
 def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["lr_scheduler=constant", "save_steps=2", "save_total_limit=5", "group_by_length=true"]
-    straight = main(tiny_run(tiny_model_dir, tmp_path / "a", *common, "max_steps=6"))
+    main(tiny_run(tiny_model_dir, tmp_path / "a", *common, "max_steps=6"))  # uninterrupted
     first = main(tiny_run(tiny_model_dir, tmp_path / "b", *common, "max_steps=4"))
     assert first.trainer.state.global_step == 4
 

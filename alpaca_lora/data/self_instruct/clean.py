@@ -44,7 +44,8 @@ def _normal(text: str) -> str:
 
 def clean_records(records: list[dict], duplicates_already_dropped: int = 0) -> CleanReport:
     report = CleanReport(rows_in=len(records) + duplicates_already_dropped)
-    report.dropped["duplicate"] += duplicates_already_dropped
+    if duplicates_already_dropped:
+        report.dropped["duplicate"] = duplicates_already_dropped
     seen: set[tuple[str, str, str]] = set()
     for index, original in enumerate(records):
         record = {name: original[name].strip() for name in ("instruction", "input", "output")}
