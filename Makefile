@@ -27,6 +27,8 @@ test: install
 
 bench: install
 	$(OFFLINE) $(PY) bench/train_throughput.py
+	$(OFFLINE) $(PY) bench/dedup.py
+	$(OFFLINE) $(PY) bench/self_instruct_cost.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -32,8 +32,10 @@ class Fault:
 
 
 class FakeOpenAI:
-    def __init__(self, default: Callable[[dict], Reply] | None = None, script: list | None = None):
+    def __init__(self, default: Callable[[dict], Reply] | None = None, script: list | None = None,
+                 count_tokens: Callable[[str], int] = lambda text: len(text.split())):
         self.default = default or (lambda body: Reply("ok"))
+        self.count_tokens = count_tokens
         self.script = list(script or [])
         self.received: list[dict] = []  # {"path", "body", "headers", "time"}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}  # of the replies actually sent
@@ -73,7 +75,7 @@ class FakeOpenAI:
 
             def _answer(self, body: dict, reply: Reply):
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(reply.text.split())}
+                usage = {"prompt_tokens": server.count_tokens(prompt), "completion_tokens": server.count_tokens(reply.text)}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server._lock:
                     for name in ("prompt_tokens", "completion_tokens"):
