@@ -7,6 +7,7 @@ the first request. Every finished request is journaled, so the same command resu
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
     if entries:
         log(f"resuming: {job.done()} records from {totals.requests} earlier requests")
 
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
     started = time.monotonic()
     budget = Budget(cfg.concurrency, cfg.requests_per_minute, cfg.max_requests, cfg.max_cost)
     stop = run_requests(job, teacher, journal, budget, totals, cfg.mode, desc=cfg.mode)
@@ -82,8 +84,10 @@ def ask_teacher(cfg: BuilderConfig) -> int:
         f" ({totals.prompt_tokens + totals.completion_tokens:,} tokens{cost}); stopped: {stop}")
     if report["discarded"]:
         log("discarded: " + ", ".join(f"{reason} {n}" for reason, n in report["discarded"].items()))
-    if not job.finished():
-        log("run the same command again to continue (raise max_requests / max_cost if one was reached)")
+    if stop in ("max_requests", "max_cost"):
+        log(f"raise {stop} and run the same command to continue")
+    elif not job.finished():
+        log("run the same command again to continue")
     log(f"summary: {cfg.summary_path}")
     return EXIT_CODES.get(stop, 0)
 
@@ -100,6 +104,10 @@ def clean(cfg: BuilderConfig) -> int:
             log(f"  {kind:<8} {reason:<28} {n}")
     log(f"report with examples: {report_path}")
     return 0
+
+
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _read_prompt(path: str | None) -> str:

@@ -39,6 +39,7 @@ class Totals:
     problems: Counter = field(default_factory=Counter)  # failed_request, malformed_reply, empty_reply
     discarded: Counter = field(default_factory=Counter)
     succeeded: int = 0
+    records: int = 0
 
     def add(self, entry: dict) -> None:
         self.requests += 1
@@ -50,6 +51,7 @@ class Totals:
         else:
             self.succeeded += 1
         self.discarded.update(entry["discarded"])
+        self.records += len(entry["records"])
 
 
 @dataclass
@@ -77,7 +79,8 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
                         "endpoint_failing" if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES else
                         _budget_stop(budget, totals, teacher, len(in_flight)))
             while stop is None and len(in_flight) < budget.concurrency and time.monotonic() >= next_start:
-                if not _may_start_another(budget, totals, teacher, len(in_flight)):
+                if (not _may_start_another(budget, totals, teacher, len(in_flight))
+                        or _in_flight_should_suffice(job, totals, len(in_flight))):
                     break
                 request = job.next_prompt(number)
                 if request is None:
@@ -139,6 +142,13 @@ def _may_start_another(budget: Budget, totals: Totals, teacher: Teacher, in_flig
         return in_flight == 0  # no cost measured yet: one request at a time
     spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
     return spent + (in_flight + 1) * spent / totals.succeeded <= budget.max_cost
+
+
+def _in_flight_should_suffice(job: Job, totals: Totals, in_flight: int) -> bool:
+    """Near the end, do not pay for requests whose records would only be discarded as over target."""
+    if not in_flight or not totals.records:
+        return False
+    return in_flight * totals.records / totals.succeeded >= job.total - job.done()
 
 
 def _postfix(totals: Totals, teacher: Teacher) -> str:
