@@ -110,11 +110,14 @@ def test_a_rejected_request_stops_the_run_in_one_line(seeds, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {server.base_url}/: 401 scripted 401"
 
 
-def test_an_endpoint_that_keeps_failing_stops_the_run_resumably(seeds, tmp_path):
-    with FakeOpenAI(default=lambda body: Fault(status=503)) as server:
+@pytest.mark.parametrize("status, problem", [(503, "failed_request"), (400, "rejected_request")])
+def test_an_endpoint_that_keeps_failing_stops_the_run_resumably(seeds, tmp_path, capsys, status, problem):
+    with FakeOpenAI(default=lambda body: Fault(status=status)) as server:
         assert build(server, seeds, tmp_path, "concurrency=2", "max_retries=0") == 1
     summary, records, journal = outputs(tmp_path)
-    assert summary["stop_reason"] == "endpoint_failing" and summary["failed_request"] >= 10 and records == []
+    assert summary["stop_reason"] == "endpoint_failing" and summary[problem] >= 10 and records == []
+    assert summary["last_error"] == f"{status} scripted {status}"
+    assert f"the last error: {status} scripted {status}" in capsys.readouterr().err
 
 
 def test_max_requests_stops_cleanly_and_a_resume_continues_the_count(seeds, tmp_path):
@@ -160,15 +163,17 @@ def test_regenerate_outputs_with_the_training_prompt_and_resume_the_rest(tmp_pat
 
     args = ["mode=regenerate", f"input={source}", "model=gpt-4o", f"output={tmp_path / 'out' / 'data.json'}",
             "concurrency=1"]
-    with FakeOpenAI(default=answer, script=[Reply("NEW: cut", finish_reason="length")]) as server:
+    script = [Reply("NEW: cut", finish_reason="length"), Fault(status=400)]  # one too long, one rejected
+    with FakeOpenAI(default=answer, script=script) as server:
         assert main([f"base_url={server.base_url}", *args]) == 0
         summary, records, _ = outputs(tmp_path)
         assert (summary["stop_reason"], summary["complete"], summary["discarded"]) == ("nothing_left", False, {"truncated": 1})
+        assert summary["rejected_request"] == 1
         assert server.received[0]["body"]["messages"][0]["content"] == get_template("alpaca").format("Question 0?", "")
-        assert [r["output"] for r in records] == [f"NEW: Question {i}?" for i in range(1, 5)]
+        assert [r["output"] for r in records] == [f"NEW: Question {i}?" for i in range(2, 5)]
         assert main([f"base_url={server.base_url}", *args]) == 0
     summary, records, _ = outputs(tmp_path)
-    assert summary["complete"] and len(server.received) == 6
+    assert summary["complete"] and len(server.received) == 7
     assert records == [{**row, "output": f"NEW: Question {i}?"} for i, row in enumerate(data)]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.clean import clean_records
-from alpaca_lora.data.self_instruct.engine import Budget, Totals, run_requests, summary
+from alpaca_lora.data.self_instruct.engine import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
 from alpaca_lora.data.self_instruct.journal import Journal
 from alpaca_lora.data.self_instruct.settings import BuilderConfig, help_text, load_builder_config
@@ -84,6 +84,8 @@ def ask_teacher(cfg: BuilderConfig) -> int:
         f" ({totals.prompt_tokens + totals.completion_tokens:,} tokens{cost}); stopped: {stop}")
     if report["discarded"]:
         log("discarded: " + ", ".join(f"{reason} {n}" for reason, n in report["discarded"].items()))
+    if stop == "endpoint_failing":
+        log(f"stopped after {MAX_CONSECUTIVE_FAILURES} failed requests in a row; the last error: {totals.last_error}")
     if stop in ("max_requests", "max_cost"):
         log(f"raise {stop} and run the same command to continue")
     elif not job.finished():

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from alpaca_lora.data.self_instruct.journal import Journal
 from alpaca_lora.data.self_instruct.teacher import Reply, Teacher
 
-# This many failed requests in a row (each after all its retries) means the endpoint is down.
+# This many failed or rejected requests in a row (each after all its retries) means the endpoint is
+# down or refuses our requests (a parameter it does not take): stop and show the last error.
 MAX_CONSECUTIVE_FAILURES = 10
 
 
@@ -36,7 +37,8 @@ class Totals:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    problems: Counter = field(default_factory=Counter)  # failed_request, malformed_reply, empty_reply
+    problems: Counter = field(default_factory=Counter)  # see Reply.problem
+    last_error: str | None = None
     discarded: Counter = field(default_factory=Counter)
     succeeded: int = 0
     records: int = 0
@@ -48,6 +50,7 @@ class Totals:
         self.completion_tokens += entry["completion_tokens"]
         if entry["problem"]:
             self.problems[entry["problem"]] += 1
+            self.last_error = entry.get("error") or self.last_error
         else:
             self.succeeded += 1
         self.discarded.update(entry["discarded"])
@@ -105,10 +108,11 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
                 reply = future.result()  # raises EndpointError: stop the run
                 entry = {"request": request_number, "mode": mode, "prompt_tokens": reply.prompt_tokens,
                          "completion_tokens": reply.completion_tokens, "retries": reply.retries,
-                         "problem": reply.problem, **job.accept(key, reply)}
+                         "problem": reply.problem, "error": reply.error, **job.accept(key, reply)}
                 journal.append(entry)
                 totals.add(entry)
-                failures_in_a_row = failures_in_a_row + 1 if reply.problem == "failed_request" else 0
+                failed = reply.problem in ("failed_request", "rejected_request")
+                failures_in_a_row = failures_in_a_row + 1 if failed else 0
                 bar.n = job.done()
                 bar.set_postfix_str(_postfix(totals, teacher), refresh=True)
     except KeyboardInterrupt:
@@ -172,7 +176,9 @@ def summary(job: Job, totals: Totals, teacher: Teacher, stop: str, elapsed: floa
     return {
         "stop_reason": stop, "complete": job.finished(), "records": done, "target": target,
         "requests": totals.requests, "retries": totals.retries,
-        **{problem: totals.problems[problem] for problem in ("failed_request", "malformed_reply", "empty_reply")},
+        **{problem: totals.problems[problem]
+           for problem in ("failed_request", "rejected_request", "malformed_reply", "empty_reply")},
+        "last_error": totals.last_error,
         "prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens,
         "cost_usd": None if cost is None else round(cost, 4),
         "price_usd_per_million_tokens": None if teacher.price is None else

@@ -2,13 +2,13 @@
 
 The client retries 429 (honouring ``Retry-After``), 5xx, timeouts and dropped connections with
 exponential backoff and jitter; we count its retries, sum token usage and price it, and turn every
-other kind of failure into a counted, skippable :class:`Reply` -- except a request the endpoint
-rejects as such (a bad key, an unknown model), which no retry can fix and which stops the run.
+failure into a counted, skippable :class:`Reply` (a request rejected for its content, such as one
+record over the context length, included) -- except a bad key, a missing permission or an unknown
+model, which no request can get past and which stop the run at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ PRICES = {
 
 
 class EndpointError(UserError):
-    """The endpoint rejected the request itself (authentication, model name, a parameter)."""
+    """The endpoint refuses every request: authentication, permission or the model's name."""
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
-    problem: str | None = None  # failed_request, malformed_reply or empty_reply
+    problem: str | None = None  # failed_request, rejected_request, malformed_reply or empty_reply
+    error: str | None = None
 
 
 def price_per_million(model: str, prices_file: str | None, price_input: float | None,
@@ -90,12 +91,15 @@ class Teacher:
             else:
                 raw = self.client.completions.with_raw_response.create(
                     model=self.model, prompt=prompt, **self.sampling)
-        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError):
-            return Reply(retries=self.client.max_retries, problem="failed_request")
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
+            return Reply(retries=self.client.max_retries, problem="failed_request", error=_message(exc))
         except openai.APIStatusError as exc:
-            if exc.status_code in (408, 409) or exc.status_code >= 500:
-                return Reply(retries=self.client.max_retries, problem="failed_request")
-            raise EndpointError(f"{self.client.base_url}: {exc.status_code} {_message(exc)}") from None
+            if exc.status_code in (401, 403, 404):  # the key, the permission or the model: no request can succeed
+                raise EndpointError(f"{self.client.base_url}: {_message(exc)}") from None
+            retried = exc.status_code in (408, 409) or exc.status_code >= 500
+            return Reply(retries=self.client.max_retries if retried else 0,
+                         problem="failed_request" if retried else "rejected_request",
+                         error=_message(exc))
         try:
             completion = raw.parse()
             choice = completion.choices[0]
@@ -113,8 +117,9 @@ class Teacher:
         self.client.close()
 
 
-def _message(exc: openai.APIStatusError) -> str:
+def _message(exc: openai.APIError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
     error = body.get("error", body)
     message = error.get("message") if isinstance(error, dict) else None
-    return (message or json.dumps(body) or exc.message).splitlines()[0]
+    message = (message or exc.message or type(exc).__name__).splitlines()[0]
+    return f"{exc.status_code} {message}" if isinstance(exc, openai.APIStatusError) else message
