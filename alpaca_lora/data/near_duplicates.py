@@ -31,9 +31,6 @@ class NearDuplicateIndex:
         self._lengths = _GrowingArray(np.int32)
         self._postings: list[tuple[_GrowingArray, _GrowingArray]] = []  # per token id: (pool ids, counts)
 
-    def __len__(self) -> int:
-        return len(self._tokens)
-
     def tokenize(self, text: str) -> list[str]:
         return self._tokenizer.tokenize(text)
 
@@ -49,13 +46,6 @@ class NearDuplicateIndex:
             ids, counts = self._postings[token_id]
             ids.append(pool_id)
             counts.append(count)
-
-    def max_similarity(self, instruction: str) -> float:
-        """The highest ROUGE-L F1 against the pool among pairs that could exceed the threshold, else 0."""
-        best = 0.0
-        for score in self._candidate_scores(self.tokenize(instruction)):
-            best = max(best, score)
-        return best
 
     def is_near_duplicate(self, instruction: str) -> bool:
         return any(score > self.threshold for score in self._candidate_scores(self.tokenize(instruction)))
