@@ -102,6 +102,14 @@ def test_legacy_completions_endpoint(seeds, tmp_path):
     assert len(outputs(tmp_path)[1]) == 17
 
 
+def test_requests_per_minute_spaces_request_starts(seeds, tmp_path):
+    with FakeOpenAI(default=task_replies()) as server:
+        assert build(server, seeds, tmp_path, "target=68", "concurrency=4", "requests_per_minute=300") == 0
+    starts = [request["time"] for request in server.received]
+    # 0.2 s apart (60 s / 300) as they leave the client; the first also opens the connection
+    assert len(starts) == 4 and starts[-1] - starts[0] >= 0.5 and min(b - a for a, b in zip(starts, starts[1:])) > 0.15
+
+
 def test_a_rejected_request_stops_the_run_in_one_line(seeds, tmp_path, capsys):
     with FakeOpenAI(script=[Fault(status=401)]) as server:
         with pytest.raises(SystemExit) as stopped:
