@@ -77,13 +77,15 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
     pool = ThreadPoolExecutor(budget.concurrency)
     try:
         while True:
-            if stop is None:
-                stop = ("finished" if job.finished() else
-                        "endpoint_failing" if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES else
-                        _budget_stop(budget, totals, teacher, len(in_flight)))
+            if stop is None and job.finished():
+                stop = "finished"
+            if stop is None and failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                stop = "endpoint_failing"
             while stop is None and len(in_flight) < budget.concurrency and time.monotonic() >= next_start:
-                if (not _may_start_another(budget, totals, teacher, len(in_flight))
-                        or _in_flight_should_suffice(job, totals, len(in_flight))):
+                limit = _budget_limit(budget, totals, teacher, len(in_flight))
+                if limit and not in_flight:
+                    stop = limit
+                if limit or _in_flight_should_suffice(job, totals, len(in_flight)):
                     break
                 request = job.next_prompt(number)
                 if request is None:
@@ -101,8 +103,9 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
                     continue
                 stop = "nothing_left"  # every remaining item was tried in this run
                 break
-            timeout = max(0.0, next_start - time.monotonic()) if next_start > time.monotonic() else None
-            finished, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+            until_next_start = next_start - time.monotonic()
+            finished, _ = wait(in_flight, timeout=until_next_start if until_next_start > 0 else None,
+                               return_when=FIRST_COMPLETED)
             for future in finished:
                 request_number, key = in_flight.pop(future)
                 reply = future.result()  # raises EndpointError: stop the run
@@ -125,27 +128,16 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
     return stop
 
 
-def _budget_stop(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> str | None:
+def _budget_limit(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> str | None:
+    """The limit one more request would pass, counting those in flight at the average cost so far."""
     if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
         return "max_requests"
-    if budget.max_cost is not None:
-        spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
-        if spent >= budget.max_cost or (in_flight == 0 and totals.succeeded
-                                        and spent + spent / totals.succeeded > budget.max_cost):
-            return "max_cost"
-    return None
-
-
-def _may_start_another(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> bool:
-    """Whether one more request fits the budget, counting those in flight at the average cost so far."""
-    if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
-        return False
     if budget.max_cost is None:
-        return True
+        return None
     if not totals.succeeded:
-        return in_flight == 0  # no cost measured yet: one request at a time
+        return "max_cost" if in_flight else None  # no cost measured yet: one request at a time
     spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
-    return spent + (in_flight + 1) * spent / totals.succeeded <= budget.max_cost
+    return "max_cost" if spent + (in_flight + 1) * spent / totals.succeeded > budget.max_cost else None
 
 
 def _in_flight_should_suffice(job: Job, totals: Totals, in_flight: int) -> bool:
