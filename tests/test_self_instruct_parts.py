@@ -6,7 +6,7 @@ import json
 import pytest
 
 from alpaca_lora.data.self_instruct.clean import clean_records
-from alpaca_lora.data.self_instruct.journal import Journal
+from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, encode_prompt, load_seed_tasks, parse_reply
 from alpaca_lora.data.self_instruct.teacher import price_per_million

@@ -35,15 +35,17 @@ class LoadedData:
     duplicates_dropped: int
 
 
-def load_records(source: str, columns: dict[str, str] | None = None, allow_empty: bool = False) -> LoadedData:
+def load_records(source: str, columns: dict[str, str] | None = None, allow_empty: bool = False,
+                 need_output: bool = True) -> LoadedData:
     """Reads, maps, validates and de-duplicates one source; raises :class:`DataError` on the first bad record.
 
     ``columns`` maps our field names to the source's, e.g. ``{"output": "response"}``. Empty
-    instructions and outputs are errors unless ``allow_empty`` (for the cleaner, which drops them).
+    instructions and outputs are errors unless ``allow_empty`` (for the cleaner, which drops them);
+    without ``need_output`` (prompts to generate for) a missing output is read as empty.
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS}
     label, raw = _read_source(source)
-    records = [_validate(record, where, label, columns, allow_empty) for where, record in raw]
+    records = [_validate(record, where, label, columns, allow_empty, need_output) for where, record in raw]
     seen: set[tuple[str, ...]] = set()
     unique = []
     for record in records:
@@ -111,20 +113,22 @@ def _read_hub_dataset(name: str) -> Iterable[tuple[str, Any]]:
     return ((f"record [{i}]", r) for i, r in enumerate(dataset))
 
 
-def _validate(record: Any, where: str, label: str, columns: dict[str, str], allow_empty: bool) -> dict[str, str]:
+def _validate(record: Any, where: str, label: str, columns: dict[str, str], allow_empty: bool,
+              need_output: bool) -> dict[str, str]:
     if not isinstance(record, dict):
         raise DataError(f"{label}: {where}: expected an object with {list(columns.values())}, "
                         f"found a JSON {type(record).__name__}")
     clean = {}
     for field, column in columns.items():
         value = record.get(column)
-        if field == "input" and value is None:
-            value = ""  # an absent or null input means "no input", as in Stanford's data
+        if value is None and (field == "input" or (field == "output" and not need_output)):
+            value = ""  # no input (Stanford's data), or no output yet (prompts to answer)
         if value is None:
             raise DataError(f"{label}: {where}: field '{column}' is missing")
         if not isinstance(value, str):
             raise DataError(f"{label}: {where}: field '{column}' must be a string, found {type(value).__name__}")
-        if field != "input" and not value.strip() and not allow_empty:
+        required = field == "instruction" or (field == "output" and need_output)
+        if required and not value.strip() and not allow_empty:
             raise DataError(f"{label}: {where}: field '{column}' is empty")
         clean[field] = value
     return clean

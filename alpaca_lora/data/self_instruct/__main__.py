@@ -16,7 +16,7 @@ from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.clean import clean_records
 from alpaca_lora.data.self_instruct.engine import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
-from alpaca_lora.data.self_instruct.journal import Journal
+from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import BuilderConfig, help_text, load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
 from alpaca_lora.data.self_instruct.teacher import Teacher, price_per_million

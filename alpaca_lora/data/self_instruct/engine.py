@@ -11,7 +11,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from alpaca_lora.data.self_instruct.journal import Journal
+from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.teacher import Reply, Teacher
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is

@@ -1,6 +1,6 @@
-"""The append-only JSONL journal that makes a run resumable: one line per finished request, written
-in one piece and flushed to disk, so a run killed at any instant (even ``kill -9``) leaves at most
-one partial last line, which the next run drops before appending."""
+"""The append-only JSONL journal that makes long jobs resumable: one line per finished unit of work
+(a request, a batch of generations), written in one piece and flushed to disk, so a job killed at
+any instant (even ``kill -9``) leaves at most one partial last line, which the next run drops."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from alpaca_lora.data.loading import DataError
 
 
 class Journal:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, required: str = "request"):
+        self.path = Path(path)
+        self.required = required  # the field every line of this kind of journal has
 
     def read(self) -> list[dict]:
         """Every complete entry; a torn last line (a crash mid-write) is cut off the file."""
@@ -28,8 +29,9 @@ class Journal:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{self.path}: line {number}: not valid JSON ({exc.msg}); "
                                 "the journal was edited or is not ours") from None
-            if not isinstance(entry, dict) or "request" not in entry:
-                raise DataError(f"{self.path}: line {number}: field 'request' is missing; not a journal of ours")
+            if not isinstance(entry, dict) or self.required not in entry:
+                raise DataError(f"{self.path}: line {number}: field '{self.required}' is missing; "
+                                "not a file this command wrote")
             entries.append(entry)
         if len(complete) < len(data):
             with open(self.path, "r+b") as f:

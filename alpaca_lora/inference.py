@@ -1,0 +1,183 @@
+"""What generation, the app and the server share: loading a base model (+ adapter) or a merged
+model with the template it was trained with, explicit decoding settings, and streamed generation."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import yaml
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from alpaca_lora.data.examples import encode_prompt
+from alpaca_lora.data.templates import PromptTemplate, get_template
+from alpaca_lora.errors import UserError
+from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+from alpaca_lora.settings import ConfigError, key
+
+# Where a training run and a merge record their settings (the template among them).
+TRAINING_CONFIG_NAMES = ("config.yaml", "training_config.yaml")
+DECODING_MODES = ("greedy", "sample", "beam")
+_ONLY_IN = {"temperature": "sample", "top_p": "sample", "top_k": "sample", "num_beams": "beam"}
+
+
+@dataclass
+class Decoding:
+    """Decoding is chosen, not inferred: a setting that has no effect in the mode is an error."""
+
+    decoding: str = key("greedy", "greedy, sample (temperature, top_p, top_k) or beam (num_beams)")
+    max_new_tokens: int = key(256, "most tokens to generate")
+    temperature: Optional[float] = key(None, "sampling temperature (decoding=sample; default 1.0)")
+    top_p: Optional[float] = key(None, "nucleus sampling: smallest token set with this probability (decoding=sample)")
+    top_k: Optional[int] = key(None, "sample among the k most likely tokens (decoding=sample)")
+    num_beams: Optional[int] = key(None, "beams (decoding=beam; default 4)")
+    repetition_penalty: Optional[float] = key(None, "penalise repeated tokens (>1), in any mode")
+
+    def validate(self) -> None:
+        if self.decoding not in DECODING_MODES:
+            raise ConfigError(f"key 'decoding' must be one of {', '.join(DECODING_MODES)}")
+        for name, mode in _ONLY_IN.items():
+            if getattr(self, name) is not None and self.decoding != mode:
+                raise ConfigError(f"key '{name}' has no effect with decoding={self.decoding}; "
+                                  f"use decoding={mode} or leave {name} unset")
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.temperature is None or self.temperature > 0, "temperature", "must be positive"),
+            (self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k is None or self.top_k >= 1, "top_k", "must be at least 1"),
+            (self.num_beams is None or self.num_beams >= 2, "num_beams", "must be at least 2"),
+            (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty", "must be positive"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ConfigError(f"key '{name}' {message}")
+
+    def generate_kwargs(self) -> dict:
+        """Every generation setting spelled out, so a model's generation_config cannot change the mode."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.decoding == "sample", "num_beams": 1,
+                  "temperature": None, "top_p": None, "top_k": None}
+        if self.decoding == "sample":
+            kwargs.update(temperature=self.temperature or 1.0, top_p=self.top_p or 1.0, top_k=self.top_k or 0)
+        if self.decoding == "beam":
+            kwargs.update(num_beams=self.num_beams or 4, early_stopping=True)
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+
+@dataclass
+class ModelSettings:
+    model: Optional[str] = key(None, "base or merged model: hub id, directory, .gguf (default: the adapter's base)")
+    adapter: Optional[str] = key(None, "LoRA adapter directory written by alpaca_lora.train")
+    bits: Optional[int] = key(None, "load the base in 4, 8 or 16 bits (default: as the adapter was trained; 16)")
+    template: Optional[str] = key(None, "prompt template (default: the one the model was trained with)")
+    device: str = key("auto", "auto, cuda or cpu")
+    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
+    seed: int = key(0, "random seed for sampling")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    template: PromptTemplate
+    name: str
+    description: str
+    generate_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        return self.template.format(instruction, input)
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+
+def training_config(directory: str | None) -> dict:
+    """The ``config`` section a training run (or a merge) saved beside its weights, or {}."""
+    if not directory:
+        return {}
+    for name in TRAINING_CONFIG_NAMES:
+        path = Path(directory) / name
+        if path.is_file():
+            return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("config", {})
+    return {}
+
+
+def load_for_inference(settings: ModelSettings) -> LoadedModel:
+    """Base (+ adapter) or merged model, on the chosen device, in eval mode, with its template."""
+    if settings.adapter and not (Path(settings.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"adapter '{settings.adapter}': no adapter_config.json there (a directory written by training)")
+    trained = training_config(settings.adapter) or training_config(settings.model)
+    model_spec = settings.model or trained.get("model")
+    if not model_spec:
+        raise ConfigError("key 'model' must be set (or adapter= a directory whose config.yaml names its base)")
+    if settings.bits not in (None, 4, 8, 16):
+        raise ConfigError("key 'bits' must be 4, 8 or 16")
+    template = get_template(settings.template or trained.get("template") or "alpaca")
+    bits = settings.bits or (trained.get("quant", {}).get("bits", 16) if settings.adapter else 16)
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = "bfloat16" if device == "cuda" else "float32"
+    quantization = None
+    if bits == 4:
+        quant = trained.get("quant", {})
+        quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": quant.get("quant_type", "nf4"),
+                        "bnb_4bit_use_double_quant": quant.get("double_quant", True),
+                        "bnb_4bit_compute_dtype": compute_dtype}
+    elif bits == 8:
+        quantization = {"load_in_8bit": True}
+    path = resolve_model(model_spec)
+    tokenizer = load_tokenizer(settings.adapter or path, settings.trust_remote_code)
+    model = load_model(path, quantization, compute_dtype, device, settings.trust_remote_code)
+    if device == "cuda" and not quantization:
+        model.to("cuda")
+    if settings.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, settings.adapter)
+    model.eval()
+    torch.manual_seed(settings.seed)
+    parts = [f"{model_spec} ({bits}-bit)"] + ([f"adapter {settings.adapter}"] if settings.adapter else [])
+    description = " + ".join(parts) + f", template {template.name}, {device}"
+    name = Path(settings.adapter or model_spec).name
+    return LoadedModel(model, tokenizer, template, name, description)
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_response(loaded: LoadedModel, prompt: str, decoding: Decoding,
+                    stop: threading.Event | None = None) -> Iterator[str]:
+    """Yields the response text as it grows (beam search yields it once, at the end); stops at EOS
+    or when ``stop`` is set. Generations are serialised: one model, one generation at a time."""
+    tokenizer = loaded.tokenizer
+    ids = torch.tensor([loaded.encode(prompt)], device=loaded.model.device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, **decoding.generate_kwargs())
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
+    with loaded.generate_lock, torch.no_grad():
+        if decoding.decoding == "beam":
+            output = loaded.model.generate(**kwargs)
+            yield tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            return
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        worker = threading.Thread(target=loaded.model.generate, kwargs={**kwargs, "streamer": streamer})
+        worker.start()
+        text = ""
+        try:
+            for piece in streamer:
+                text += piece
+                yield text.strip()
+        finally:
+            if stop is not None:
+                stop.set()  # a consumer that stops reading also stops the generation
+            worker.join()
+

@@ -1,0 +1,242 @@
+"""Merge a LoRA adapter into its base: ``python -m alpaca_lora.merge adapter=DIR output=DIR [key=value ...]``
+
+The base is loaded in 16-bit (or 32-bit), never 4- or 8-bit: peft merging into a quantized base
+rounds the update away, the classic way a merged QLoRA model silently loses its adapter. With
+``dequantize=true`` the base is loaded exactly as QLoRA trained on it (NF4) and dequantized first,
+so the merged weights are the ones the adapter saw. Either way the merge is verified (next-token
+logits of base+adapter against the merged model, and the adapter's effect against the bare base),
+reported in ``merge_report.json``, and the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING
+
+from alpaca_lora.errors import UserError, exit_on_user_error
+from alpaca_lora.inference import TRAINING_CONFIG_NAMES, training_config
+from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
+from alpaca_lora.data.templates import get_template
+from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+
+TOOL = "alpaca_lora.merge"
+PROBES = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!"),
+          ("What is the capital of France?", "")]
+# Largest |merged - (base+adapter)| logit difference accepted, relative to the largest |logit|.
+# (16-bit merges round W + BA once more than the unmerged model does.)
+RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+# bitsandbytes' own 4-bit matmuls differ from a dense matmul with the same 4-bit values by about 1%
+# (relative, measured on CPU); the original 16-bit base differs from the 4-bit one by tens of percent.
+NF4_CONSISTENCY = 0.1
+
+
+class MergeError(UserError):
+    pass
+
+
+@dataclass
+class MergeConfig:
+    adapter: str = key(MISSING, "adapter directory written by alpaca_lora.train")
+    output: str = key(MISSING, "directory for the merged model (must not exist unless overwrite=true)")
+    base: Optional[str] = key(None, "base model (default: the one the adapter was trained on)")
+    dequantize: bool = key(False, "merge into the NF4-dequantized base QLoRA trained on, not the original 16-bit one")
+    dtype: str = key("auto", "dtype of the merged weights: auto (the base's own), bfloat16, float16 or float32")
+    max_shard_size: str = key("5GB", "largest safetensors shard")
+    overwrite: bool = key(False, "replace an existing output directory")
+    tolerance: Optional[float] = key(None, "relative logit difference allowed (default: 1e-4 fp32, 5e-2 bf16, 2e-2 fp16)")
+    device: str = key("cpu", "cpu or cuda (the merge needs the 16-bit model in that device's memory)")
+    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
+
+
+def load_merge_config(overrides: list[str]) -> MergeConfig:
+    cfg: MergeConfig = build(MergeConfig, [("command line", parse_overrides(overrides))], TOOL)
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ConfigError(f"key 'dtype' must be auto or one of {', '.join(DTYPES)}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError("key 'device' must be cpu or cuda")
+    if not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"key 'adapter': {cfg.adapter} has no adapter_config.json (a directory written by training)")
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise ConfigError(f"key 'output': {cfg.output} exists; choose another directory or set overwrite=true")
+    return cfg
+
+
+def merge(cfg: MergeConfig) -> dict:
+    from peft import PeftModel
+
+    trained = training_config(cfg.adapter)
+    adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+    base_spec = cfg.base or trained.get("model") or adapter_config.get("base_model_name_or_path")
+    if not base_spec:
+        raise ConfigError("key 'base' must be set: the adapter does not name its base model")
+    template = get_template(trained.get("template") or "alpaca")
+    path = resolve_model(base_spec)
+    tokenizer = load_tokenizer(cfg.adapter, cfg.trust_remote_code)
+    dtype = _merge_dtype(cfg.dtype, path)
+    probes = _probe_batch(tokenizer, template)
+
+    base = load_model(path, None, "float32" if cfg.dequantize else _dtype_name(dtype), cfg.device,
+                      cfg.trust_remote_code).to(cfg.device)
+    quant = trained.get("quant", {})
+    if cfg.dequantize:
+        if quant.get("bits", 4) != 4:
+            raise MergeError(f"dequantize=true needs a 4-bit (QLoRA) adapter; {cfg.adapter} was trained with "
+                             f"{quant.get('bits')}-bit weights")
+        _round_trip_through_nf4(base, quant.get("quant_type", "nf4"), quant.get("double_quant", True))
+        base.to(dtype)
+    model = PeftModel.from_pretrained(base, cfg.adapter)
+    base_logits, adapted_logits = _logits(model, probes, with_adapter=False), _logits(model, probes)
+
+    watched = _lora_targets(model)
+    before = {name: module.base_layer.weight.detach().clone() for name, module in watched}
+    merged = model.merge_and_unload()
+    merged_logits = _logits(merged, probes)
+    changed = sum(not torch.equal(_weight(merged, name), before[name]) for name, _ in watched)
+
+    scale = adapted_logits.abs().max().item()
+    difference = (merged_logits - adapted_logits).abs().max().item()
+    effect = (adapted_logits - base_logits).abs().max().item()
+    merged_effect = (merged_logits - base_logits).abs().max().item()
+    tolerance = cfg.tolerance if cfg.tolerance is not None else RELATIVE_TOLERANCE[_dtype_name(dtype)]
+    report = {
+        "adapter": str(cfg.adapter), "base": base_spec, "dequantized_nf4_base": cfg.dequantize,
+        "dtype": _dtype_name(dtype), "template": template.name, "probe_prompts": len(PROBES),
+        "max_logit_difference_merged_vs_adapter": difference,
+        "relative_difference": difference / scale, "tolerance": tolerance,
+        "max_logit_difference_adapter_vs_base": effect, "max_logit_difference_merged_vs_base": merged_effect,
+        "lora_weights_checked": len(watched), "lora_weights_changed": int(changed),
+    }
+    if cfg.dequantize:  # the same adapter on the 4-bit model it was trained on, as bitsandbytes computes it
+        report["relative_difference_vs_4bit_model"] = _vs_4bit_model(path, cfg, quant, probes, adapted_logits) / scale
+        if report["relative_difference_vs_4bit_model"] > NF4_CONSISTENCY:
+            raise MergeError(f"the dequantized base does not reproduce the 4-bit model ({report['relative_difference_vs_4bit_model']:.2e} "
+                             f"relative > {NF4_CONSISTENCY}); nothing was written")
+    if difference / scale > tolerance:
+        raise MergeError(f"the merged model's logits differ from base+adapter by {difference:.4g} "
+                         f"({difference / scale:.2e} relative > tolerance {tolerance:g}); nothing was written")
+    if merged_effect <= difference or changed == 0:  # the merged model is no closer to base+adapter than to base
+        raise MergeError(f"the merge lost the adapter: merged logits move {merged_effect:.3g} from the base, "
+                         f"{changed} of {len(watched)} adapted weights changed; nothing was written")
+    _save(merged, tokenizer, cfg, report)
+    return report
+
+
+def _round_trip_through_nf4(model, quant_type: str, double_quant: bool) -> None:
+    """Replaces each weight that 4-bit loading quantizes (every linear layer but the output head) by
+    its 4-bit values, quantized and dequantized with bitsandbytes exactly as loading does.
+
+    (transformers' ``dequantize()`` of a CPU-loaded 4-bit model returned different weights here.)
+    """
+    import bitsandbytes.functional as bnbf
+
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            packed, state = bnbf.quantize_4bit(module.weight.data.float(), quant_type=quant_type,
+                                               compress_statistics=double_quant)
+            module.weight.data = bnbf.dequantize_4bit(packed, state).to(module.weight.dtype)
+
+
+def _vs_4bit_model(path: str, cfg: MergeConfig, quant: dict, probes: dict, adapted: torch.Tensor) -> float:
+    from peft import PeftModel
+
+    compute = "float32" if cfg.device == "cpu" else "bfloat16"
+    quantized = load_model(path, {"load_in_4bit": True, "bnb_4bit_quant_type": quant.get("quant_type", "nf4"),
+                                  "bnb_4bit_use_double_quant": quant.get("double_quant", True),
+                                  "bnb_4bit_compute_dtype": compute}, compute, cfg.device, cfg.trust_remote_code)
+    reference = _logits(PeftModel.from_pretrained(quantized, cfg.adapter), probes)
+    return (reference - adapted).abs().max().item()
+
+
+def _merge_dtype(name: str, path: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    from transformers import AutoConfig
+
+    saved = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    saved = DTYPES.get(saved, saved) if isinstance(saved, str) else saved
+    return saved if saved in DTYPES.values() else torch.bfloat16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def _probe_batch(tokenizer, template) -> dict:
+    from alpaca_lora.data.examples import encode_prompt
+
+    ids = [encode_prompt(tokenizer, template.format(instruction, text)) for instruction, text in PROBES]
+    return tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt")
+
+
+@torch.no_grad()
+def _logits(model, batch: dict, with_adapter: bool = True) -> torch.Tensor:
+    """Next-token logits after each probe prompt, in float32."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if with_adapter:
+        return model(**batch).logits[:, -1].float().cpu()
+    with model.disable_adapter():
+        return model(**batch).logits[:, -1].float().cpu()
+
+
+def _lora_targets(model) -> list:
+    """The first and the last LoRA-adapted layers: their weights must change in the merge."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return [layers[0], layers[-1]] if len(layers) > 1 else layers
+
+
+def _weight(merged, peft_name: str) -> torch.Tensor:
+    name = peft_name.removeprefix("base_model.model.")
+    return merged.get_submodule(name).weight.detach()
+
+
+def _save(merged, tokenizer, cfg: MergeConfig, report: dict) -> None:
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        for name in TRAINING_CONFIG_NAMES:
+            if (Path(cfg.adapter) / name).is_file():  # the template and settings it was trained with
+                shutil.copy(Path(cfg.adapter) / name, tmp / "training_config.yaml")
+                break
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: python -m {TOOL} adapter=DIR output=DIR [key=value ...]\nkeys:")
+        print("\n".join(key_lines(MergeConfig)))
+        return 0
+    with exit_on_user_error():
+        cfg = load_merge_config(argv)
+        report = merge(cfg)
+        print(f"merged {cfg.adapter} into {report['base']} ({report['dtype']}"
+              f"{', NF4-dequantized' if cfg.dequantize else ''}) -> {cfg.output}")
+        print(f"verified on {report['probe_prompts']} prompts: merged vs base+adapter max logit difference "
+              f"{report['max_logit_difference_merged_vs_adapter']:.3g} (relative {report['relative_difference']:.1e}, "
+              f"tolerance {report['tolerance']:g}); the adapter moves logits by "
+              f"{report['max_logit_difference_adapter_vs_base']:.3g}; report: {Path(cfg.output) / 'merge_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
