@@ -18,7 +18,7 @@ from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.loading import DataError, load_records
 from alpaca_lora.data.templates import PromptTemplate
 from alpaca_lora.errors import exit_on_user_error
-from alpaca_lora.inference import Decoding, LoadedModel, ModelSettings, load_for_inference, stream_response
+from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
 from alpaca_lora.journal import Journal
 from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
 
@@ -81,12 +81,9 @@ def generate_responses(
 
 
 def print_streamed(loaded: LoadedModel, instruction: str, input_text: str, decoding: Decoding) -> None:
-    shown = ""
-    for text in stream_response(loaded, loaded.prompt(instruction, input_text), decoding):
-        if text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    for piece in Generation(loaded, loaded.prompt(instruction, input_text), decoding):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
 

@@ -153,31 +153,72 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_response(loaded: LoadedModel, prompt: str, decoding: Decoding,
-                    stop: threading.Event | None = None) -> Iterator[str]:
-    """Yields the response text as it grows (beam search yields it once, at the end); stops at EOS
-    or when ``stop`` is set. Generations are serialised: one model, one generation at a time."""
-    tokenizer = loaded.tokenizer
-    ids = torch.tensor([loaded.encode(prompt)], device=loaded.model.device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, **decoding.generate_kwargs())
-    if stop is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
-    with loaded.generate_lock, torch.no_grad():
-        if decoding.decoding == "beam":
-            output = loaded.model.generate(**kwargs)
-            yield tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
-            return
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=loaded.model.generate, kwargs={**kwargs, "streamer": streamer})
-        worker.start()
-        text = ""
-        try:
-            for piece in streamer:
-                text += piece
-                yield text.strip()
-        finally:
-            if stop is not None:
-                stop.set()  # a consumer that stops reading also stops the generation
-            worker.join()
+class Generation:
+    """One generation, streamed: iterating yields new response text as it comes (beam search: once,
+    at the end). It ends at EOS, at ``max_new_tokens``, at a stop string (not included in the text),
+    or when ``cancel`` is set; then ``text``, ``finish_reason`` ("stop" or "length") and token counts
+    are known. Generations are serialised: one model, one generation at a time."""
 
+    def __init__(self, loaded: LoadedModel, prompt: str, decoding: Decoding, stop_strings: list[str] | None = None,
+                 cancel: threading.Event | None = None):
+        self.loaded, self.decoding, self.stop_strings = loaded, decoding, [s for s in (stop_strings or []) if s]
+        self.cancel = cancel or threading.Event()
+        self.prompt_ids = loaded.encode(prompt)
+        self.prompt_tokens = len(self.prompt_ids)
+        self.text = ""
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        tokenizer = self.loaded.tokenizer
+        ids = torch.tensor([self.prompt_ids], device=self.loaded.model.device)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancel)]),
+                      **self.decoding.generate_kwargs())
+        if self.stop_strings:
+            kwargs.update(stop_strings=self.stop_strings, tokenizer=tokenizer)
+        output: list[torch.Tensor] = []
+        with self.loaded.generate_lock, torch.no_grad():
+            if self.decoding.decoding == "beam":
+                output.append(self.loaded.model.generate(**kwargs)[0])
+                yield from self._emit(tokenizer.decode(output[0][ids.shape[1]:], skip_special_tokens=True), final=True)
+            else:
+                streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                worker = threading.Thread(target=lambda: output.append(
+                    self.loaded.model.generate(**kwargs, streamer=streamer)[0]))
+                worker.start()
+                raw = ""
+                try:
+                    for piece in streamer:
+                        raw += piece
+                        yield from self._emit(raw, final=False)
+                        if self.finish_reason:
+                            break
+                    yield from self._emit(raw, final=True)
+                finally:
+                    self.cancel.set()  # stops the generation when the consumer stops reading
+                    worker.join()
+        new = output[0][ids.shape[1]:].tolist() if output else []
+        self.completion_tokens = len(new)
+        if self.finish_reason is None:
+            ended = bool(new) and new[-1] == tokenizer.eos_token_id
+            self.finish_reason = "stop" if ended or len(new) < self.decoding.max_new_tokens else "length"
+
+    def _emit(self, raw: str, final: bool) -> Iterator[str]:
+        """The part of ``raw`` not yet emitted, up to a stop string, holding back a possible stop prefix."""
+        if self.finish_reason:
+            return
+        raw = raw.lstrip()
+        end = len(raw)
+        for stop in self.stop_strings:
+            found = raw.find(stop)
+            if found != -1 and found < end:
+                end, self.finish_reason = found, "stop"
+        if not self.finish_reason and not final:
+            end -= max((n for stop in self.stop_strings for n in range(len(stop) - 1, 0, -1)
+                        if raw.endswith(stop[:n])), default=0)
+        if final and not self.finish_reason:
+            end = len(raw[:end].rstrip())
+        if end > len(self.text):
+            piece, self.text = raw[len(self.text):end], raw[:end]
+            yield piece
