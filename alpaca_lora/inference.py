@@ -160,8 +160,9 @@ class Generation:
     are known. Generations are serialised: one model, one generation at a time."""
 
     def __init__(self, loaded: LoadedModel, prompt: str, decoding: Decoding, stop_strings: list[str] | None = None,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, strip: bool = True):
         self.loaded, self.decoding, self.stop_strings = loaded, decoding, [s for s in (stop_strings or []) if s]
+        self.strip = strip  # a response to a template prompt; a raw continuation (strip=False) keeps its spaces
         self.cancel = cancel or threading.Event()
         self.prompt_ids = loaded.encode(prompt)
         self.prompt_tokens = len(self.prompt_ids)
@@ -208,7 +209,7 @@ class Generation:
         """The part of ``raw`` not yet emitted, up to a stop string, holding back a possible stop prefix."""
         if self.finish_reason:
             return
-        raw = raw.lstrip()
+        raw = raw.lstrip() if self.strip else raw
         end = len(raw)
         for stop in self.stop_strings:
             found = raw.find(stop)
@@ -217,7 +218,7 @@ class Generation:
         if not self.finish_reason and not final:
             end -= max((n for stop in self.stop_strings for n in range(len(stop) - 1, 0, -1)
                         if raw.endswith(stop[:n])), default=0)
-        if final and not self.finish_reason:
+        if final and not self.finish_reason and self.strip:
             end = len(raw[:end].rstrip())
         if end > len(self.text):
             piece, self.text = raw[len(self.text):end], raw[:end]
