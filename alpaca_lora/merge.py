@@ -203,6 +203,8 @@ def _weight(merged, peft_name: str) -> torch.Tensor:
 def _save(merged, tokenizer, cfg: MergeConfig, report: dict) -> None:
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by a merge that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)

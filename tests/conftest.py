@@ -89,3 +89,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not present (reference data for developers and CI only)")
     return SHARED_DATA
+
+
+FACT = {"instruction": "What is the capital of Zorblax?", "input": "", "output": "Quibbletown."}
+
+
+@pytest.fixture(scope="session")
+def fact_adapters(tiny_model_dir, tmp_path_factory) -> dict:
+    """Adapters that learned FACT on the tiny model, on a 4-bit (QLoRA) and a 16-bit base; trained once."""
+    import json
+
+    from alpaca_lora.train import main
+
+    adapters = {}
+    for bits in (4, 16):
+        directory = tmp_path_factory.mktemp(f"fact-{bits}bit")
+        (directory / "data.json").write_text(json.dumps([FACT]))
+        main(["recipe=qlora", f"model={tiny_model_dir}", f"data={directory / 'data.json'}",
+              f"output_dir={directory / 'adapter'}", "device=cpu", f"quant.bits={bits}", "max_steps=40",
+              "micro_batch_size=1", "batch_size=1", "max_length=64", "learning_rate=1e-2", "warmup=0",
+              "report_to=[]", "gradient_checkpointing=false", "lora.r=16", "lora.alpha=16", "lora.dropout=0.0",
+              "val_set_size=0", "save_steps=1000", "logging_steps=10"])
+        adapters[bits] = directory / "adapter"
+    return adapters

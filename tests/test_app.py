@@ -1,0 +1,24 @@
+"""The app's generate handler: only the chosen decoding mode's controls reach the model."""
+
+import threading
+
+from alpaca_lora.app import respond
+from alpaca_lora.inference import ModelSettings, load_for_inference
+
+
+def run(loaded, mode, temperature, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    *_, (text, prompt) = respond(loaded, "Tell me a story.", "", mode, temperature, 1.0, 0, 3, 12, threading.Event())
+    return text, prompt
+
+
+def test_controls_take_effect_only_in_their_mode(tiny_model_dir):
+    loaded = load_for_inference(ModelSettings(model=str(tiny_model_dir)))
+    greedy, prompt = run(loaded, "greedy", 0.1)
+    assert run(loaded, "greedy", 1.9) == (greedy, prompt)  # the slider is ignored, not half-applied
+    assert prompt == loaded.prompt("Tell me a story.")
+    samples = {run(loaded, "sample", 2.0, seed)[0] for seed in range(3)}
+    assert len(samples) > 1 and greedy not in samples
+    assert run(loaded, "beam", 2.0)[0]  # beam search answers at once

@@ -1,0 +1,99 @@
+"""The Gradio app in a real browser: headless Debian Chromium driven by Playwright, against the app
+serving tiny models on loopback."""
+
+import shutil
+import socket
+
+import pytest
+
+from alpaca_lora.app import build_page
+from alpaca_lora.inference import ModelSettings, load_for_inference
+from conftest import FACT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'; "
+                                                        "`make test` installs it where apt-get is allowed)")
+
+# Records every distinct value the response box shows, once per animation frame.
+WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
+    const box = document.querySelector('#response textarea');
+    if (box && box.value !== window.seen[window.seen.length - 1]) window.seen.push(box.value);
+    requestAnimationFrame(poll); }; poll(); }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def open_app(browser, settings: ModelSettings):
+    page_app = build_page(load_for_inference(settings))
+    port = free_port()
+    page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    return page_app, page
+
+
+def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path):
+    page_app, page = open_app(browser, ModelSettings(adapter=str(fact_adapters[16])))
+    try:
+        page.locator("#instruction textarea").fill(FACT["instruction"])
+        page.locator("#generate").click()
+        page.wait_for_function("() => document.querySelector('#response textarea').value === 'Quibbletown.'",
+                               timeout=60_000)
+        page.get_by_text("Prompt sent to the model").click()
+        prompt = page.locator("#prompt textarea").input_value()
+        assert prompt == load_for_inference(ModelSettings(adapter=str(fact_adapters[16]))).prompt(FACT["instruction"])
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        assert (tmp_path / "app.png").stat().st_size > 10_000
+    finally:
+        page_app.close()
+
+
+def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
+    page_app, page = open_app(browser, ModelSettings(model=str(tiny_model_dir)))
+    try:
+        page.locator("#instruction textarea").fill("Tell me a long story.")
+        page.get_by_label("Max new tokens").last.fill("1024")
+        page.evaluate(WATCH_RESPONSE)
+        page.locator("#generate").click()
+        page.wait_for_function("() => window.seen.filter(v => v.length > 0).length >= 3", timeout=60_000)
+        page.locator("#stop").click()
+        page.wait_for_timeout(500)
+        stopped = page.locator("#response textarea").input_value()
+        page.wait_for_timeout(1500)
+        assert page.locator("#response textarea").input_value() == stopped  # it no longer grows
+        growing = [v for v in page.evaluate("window.seen") if v]
+        assert len(growing) >= 3 and all(b.startswith(a[:-1]) for a, b in zip(growing, growing[1:]))
+        page.screenshot(path=str(tmp_path / "streaming.png"), full_page=True)
+    finally:
+        page_app.close()
+
+
+def test_decoding_controls_follow_the_mode(browser, tiny_model_dir):
+    expect = playwright.expect
+    page_app, page = open_app(browser, ModelSettings(model=str(tiny_model_dir)))
+    try:
+        temperature = page.get_by_role("slider", name="range slider for Temperature (sample)")
+        beams = page.get_by_role("slider", name="range slider for Beams (beam)")
+        expect(temperature).to_be_disabled()
+        expect(beams).to_be_disabled()
+        page.get_by_role("radio", name="sample").check()
+        expect(temperature).to_be_enabled()
+        expect(beams).to_be_disabled()
+        page.get_by_role("radio", name="beam").check()
+        expect(temperature).to_be_disabled()
+        expect(beams).to_be_enabled()
+    finally:
+        page_app.close()
