@@ -37,6 +37,7 @@ bench: install
 	$(OFFLINE) $(PY) bench/train_throughput.py
 	$(OFFLINE) $(PY) bench/dedup.py
 	$(OFFLINE) $(PY) bench/self_instruct_cost.py
+	$(OFFLINE) $(PY) bench/generate_speed.py
 
 clean:
 	rm -rf $(VENV) outputs
