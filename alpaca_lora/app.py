@@ -16,7 +16,7 @@ from typing import Optional
 
 from alpaca_lora.errors import exit_on_user_error
 from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
-from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
 
 TOOL = "alpaca_lora.app"
 EXAMPLES = [
@@ -90,9 +90,7 @@ def build_page(loaded: LoadedModel):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(f"usage: python -m {TOOL} [adapter=DIR] [model=DIR] [port=7860] [key=value ...]\nkeys:")
-        print("\n".join(key_lines(AppConfig)))
+    if wants_help(argv, TOOL, "[adapter=DIR] [model=DIR] [port=7860] [key=value ...]", AppConfig):
         return 0
     with exit_on_user_error():
         cfg: AppConfig = build(AppConfig, [("command line", parse_overrides(argv))], TOOL)

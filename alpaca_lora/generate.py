@@ -20,7 +20,7 @@ from alpaca_lora.data.templates import PromptTemplate
 from alpaca_lora.errors import exit_on_user_error
 from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
 from alpaca_lora.journal import Journal
-from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
 
 TOOL = "alpaca_lora.generate"
 
@@ -128,9 +128,7 @@ def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: Ge
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(f"usage: python -m {TOOL} [adapter=DIR] [model=DIR] [instruction=...] [key=value ...]\nkeys:")
-        print("\n".join(key_lines(GenerateConfig)))
+    if wants_help(argv, TOOL, "[adapter=DIR] [model=DIR] [instruction=...] [key=value ...]", GenerateConfig):
         return 0
     with exit_on_user_error():
         cfg = load_generate_config(argv)

@@ -25,7 +25,7 @@ from alpaca_lora.errors import UserError, exit_on_user_error
 from alpaca_lora.inference import TRAINING_CONFIG_NAMES, training_config
 from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
 
 TOOL = "alpaca_lora.merge"
 PROBES = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!"),
@@ -224,9 +224,7 @@ def _save(merged, tokenizer, cfg: MergeConfig, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(f"usage: python -m {TOOL} adapter=DIR output=DIR [key=value ...]\nkeys:")
-        print("\n".join(key_lines(MergeConfig)))
+    if wants_help(argv, TOOL, "adapter=DIR output=DIR [key=value ...]", MergeConfig):
         return 0
     with exit_on_user_error():
         cfg = load_merge_config(argv)

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from alpaca_lora.errors import exit_on_user_error
 from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
-from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
 
 TOOL = "alpaca_lora.serve"
 
@@ -202,9 +202,7 @@ def _stream(generation: Generation, request: Sampling, chat: bool, ident: str, c
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(f"usage: python -m {TOOL} [adapter=DIR] [model=DIR] [port=8000] [key=value ...]\nkeys:")
-        print("\n".join(key_lines(ServeConfig)))
+    if wants_help(argv, TOOL, "[adapter=DIR] [model=DIR] [port=8000] [key=value ...]", ServeConfig):
         return 0
     import uvicorn
 

@@ -68,3 +68,12 @@ def key_lines(schema: type, prefix: str = "") -> list[str]:
         shown = "required" if default == MISSING else repr(default)
         lines.append(f"  {prefix + f.name:<26} {f.metadata['help']} [{shown}]")
     return lines
+
+
+def wants_help(argv: list[str], tool: str, arguments: str, schema: type) -> bool:
+    """Prints the usage line and every key when ``-h`` or ``--help`` is among ``argv``."""
+    if not {"-h", "--help"} & set(argv):
+        return False
+    print(f"usage: python -m {tool} {arguments}\nkeys:")
+    print("\n".join(key_lines(schema)))
+    return True
