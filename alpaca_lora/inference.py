@@ -139,7 +139,7 @@ def load_for_inference(settings: ModelSettings) -> LoadedModel:
         model = PeftModel.from_pretrained(model, settings.adapter)
     model.eval()
     torch.manual_seed(settings.seed)
-    parts = [f"{model_spec} ({bits}-bit)"] + ([f"adapter {settings.adapter}"] if settings.adapter else [])
+    parts = [f"{model_spec} ({f'{bits}-bit' if quantization else compute_dtype})"] + ([f"adapter {settings.adapter}"] if settings.adapter else [])
     description = " + ".join(parts) + f", template {template.name}, {device}"
     name = Path(settings.adapter or model_spec).name
     return LoadedModel(model, tokenizer, template, name, description)

@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['max_logit_difference_merged_vs_adapter']:.3g} (relative {report['relative_difference']:.1e}, "
               f"tolerance {report['tolerance']:g}); the adapter moves logits by "
               f"{report['max_logit_difference_adapter_vs_base']:.3g}; report: {Path(cfg.output) / 'merge_report.json'}")
+        if training_config(cfg.adapter).get("quant", {}).get("bits") == 4 and not cfg.dequantize:
+            print("note: this adapter was trained on a 4-bit base; dequantize=true merges it into the NF4 weights "
+                  "it saw, which reproduces base+adapter as trained (see the README)")
     return 0
 
 
