@@ -35,11 +35,14 @@ class QuantSettings:
     quant_type: str = _key("nf4", "4-bit data type: nf4 or fp4")
     double_quant: bool = _key(True, "also quantize the 4-bit quantization constants (QLoRA double quantization)")
     compute_dtype: str = _key("bfloat16", "dtype of the matmuls and of a 16-bit base on GPU (float32 on CPU)")
+    quant_storage: Optional[str] = _key(None, "dtype the 4-bit weights are packed in (bfloat16 lets FSDP shard "
+                                              "them with the rest; default uint8)")
 
 
 @dataclass
 class TrainConfig:
     recipe: str = _key(DEFAULT_RECIPE, "recipe name in recipes/ or a path to a YAML file")
+    finetune: str = _key("lora", "lora (adapters on a frozen base) or full (every parameter, no adapters)")
     model: str = _key(MISSING, "base model: hub id, local directory, .gguf file, or package:MODULE/FILE.gguf")
     data: str = _key("tatsu-lab/alpaca", "data: .json/.jsonl file, http(s) URL, hub dataset id, or builtin:NAME")
     columns: Dict[str, str] = _key({}, "map our fields to the data's, e.g. columns.output=response")
@@ -71,7 +74,13 @@ class TrainConfig:
     save_total_limit: int = _key(3, "checkpoints kept in output_dir")
     report_to: List[str] = _key(["tensorboard"], "loggers: tensorboard, wandb (W&B reads WANDB_* variables)")
     exact_match_eval: int = _key(0, "score exact-match accuracy on N validation rows before and after training")
-    fsdp: str = _key("", "FSDP sharding for multi-GPU runs, as transformers spells it ('' for none)")
+    fsdp: Optional[str] = _key("", "FSDP sharding for multi-GPU runs, as transformers spells it (empty for none)")
+    fsdp_config: Dict[str, Any] = _key({}, "transformers' fsdp_config (the wrapped layer class defaults to the "
+                                           "model's own decoder layer)")
+    tf32: bool = _key(False, "allow TF32 matmuls on Ampere or newer GPUs")
+    nproc: Optional[int] = _key(None, "processes to start when not under a launcher (default: one per visible GPU)")
+    force: bool = _key(False, "train even when the memory plan predicts the GPU will run out")
+    callbacks: List[str] = _key([], "extra transformers TrainerCallback classes, as module:Class import paths")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter settings"})
     quant: QuantSettings = field(default_factory=QuantSettings, metadata={"help": "quantization of the base"})
     sft: Dict[str, Any] = _key({}, "extra SFTConfig fields by their Hugging Face names, e.g. sft.logging_first_step=true")
@@ -138,6 +147,12 @@ def validate(cfg: TrainConfig) -> None:
          "may only map instruction, input and output"),
         (lambda: cfg.exact_match_eval <= 0 or cfg.val_set_size > 0, "exact_match_eval",
          "needs a validation split (val_set_size)"),
+        (lambda: cfg.finetune in ("lora", "full"), "finetune", "must be lora or full"),
+        (lambda: cfg.finetune == "lora" or cfg.quant.bits == 16, "quant.bits",
+         "must be 16 with finetune=full (quantized weights cannot be trained)"),
+        (lambda: cfg.quant.quant_storage in (None, "uint8", "bfloat16", "float16", "float32"), "quant.quant_storage",
+         "must be uint8, bfloat16, float16 or float32"),
+        (lambda: cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
     ]
     for ok, key, message in checks:  # in order: later checks may rely on earlier ones
         if not ok():
@@ -173,6 +188,7 @@ class Runtime:
     optim: str
     bf16: bool
     notes: list[str]
+    fsdp: str = ""
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
@@ -185,12 +201,14 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         raise ConfigError("key 'device' is cuda but no CUDA GPU is visible")
     if device == "cuda":
         bf16 = cfg.quant.compute_dtype == "bfloat16"
-        return Runtime(device, cfg.quant.compute_dtype, cfg.optim, bf16, [])
+        return Runtime(device, cfg.quant.compute_dtype, cfg.optim, bf16, [], cfg.fsdp or "")
     # Paged optimizers page GPU memory; on CPU the plain torch AdamW is the equivalent.
     optim = "adamw_torch" if cfg.optim.startswith("paged_adamw") else cfg.optim.replace("paged_", "")
     notes = ["float32 compute", "bf16 off"]
     if optim != cfg.optim:
         notes.append(f"optimizer {optim} instead of {cfg.optim}")
+    if cfg.fsdp:  # transformers/accelerate would quietly run DDP anyway: say so and ask for it
+        notes.append("no FSDP sharding (it needs GPUs): several CPU ranks run data-parallel (DDP over gloo)")
     return Runtime("cpu", "float32", optim, False, notes)
 
 
@@ -223,8 +241,12 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
         save_total_limit=cfg.save_total_limit,
         report_to=list(cfg.report_to),
         seed=cfg.seed,
-        fsdp=cfg.fsdp,
+        tf32=cfg.tf32 if runtime.device == "cuda" else None,
     )
+    if runtime.fsdp:
+        kwargs.update(fsdp=runtime.fsdp, fsdp_config=dict(cfg.fsdp_config))
+    if cfg.gradient_checkpointing and runtime.fsdp:  # re-entrant checkpointing is what FSDP wraps correctly
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     kwargs.update(cfg.sft)
     return kwargs
 
@@ -234,12 +256,15 @@ def quantization_kwargs(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any] | 
     if cfg.quant.bits == 8:
         return {"load_in_8bit": True}
     if cfg.quant.bits == 4:
-        return {
+        kwargs = {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": cfg.quant.quant_type,
             "bnb_4bit_use_double_quant": cfg.quant.double_quant,
             "bnb_4bit_compute_dtype": runtime.compute_dtype,
         }
+        if cfg.quant.quant_storage and cfg.quant.quant_storage != "uint8":
+            kwargs["bnb_4bit_quant_storage"] = cfg.quant.quant_storage if runtime.device == "cuda" else "float32"
+        return kwargs
     return None
 
 
@@ -259,9 +284,16 @@ def resolved_yaml(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> str:
     """The whole plan as YAML: our keys, and what they become in SFTConfig, bitsandbytes and peft."""
     plan = {
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "runtime": {"device": runtime.device, "world_size": cfg.world_size, "adaptations": runtime.notes},
+        "runtime": {"device": runtime.device, "world_size": cfg.world_size, "micro_batch_size": cfg.micro_batch_size,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                    "global_batch_size": cfg.batch_size, "adaptations": runtime.notes},
         "sft_config": sft_kwargs(cfg, runtime, has_eval),
         "quantization": quantization_kwargs(cfg, runtime),
-        "lora": lora_kwargs(cfg),
+        "lora": lora_kwargs(cfg) if cfg.finetune == "lora" else None,
     }
+    if runtime.fsdp:  # auto_wrap wraps the model's own decoder layer class (its _no_split_modules)
+        from alpaca_lora.plan import find_architecture
+
+        architecture = find_architecture(cfg.model)
+        plan["runtime"]["fsdp_wrapped_layer"] = architecture.layer_class if architecture else "the model's decoder layer"
     return OmegaConf.to_yaml(OmegaConf.create(plan))

@@ -101,16 +101,21 @@ def train_adapters_in_float32(model) -> None:
             parameter.data = parameter.data.float()
 
 
-def load_model(path: str, quantization: dict | None, compute_dtype: str, device: str, trust_remote_code: bool = False):
-    """The frozen base: quantized through bitsandbytes when ``quantization`` is given, else 16-bit (fp32 on CPU)."""
+def load_model(path: str, quantization: dict | None, compute_dtype: str, device: str, trust_remote_code: bool = False,
+               sharded: bool = False):
+    """The base: quantized through bitsandbytes when ``quantization`` is given, else in ``compute_dtype``.
+
+    ``sharded`` (FSDP) leaves placement to FSDP; otherwise each process loads onto its own GPU.
+    """
     dtype = DTYPES[compute_dtype]
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quantization:
         kwargs["quantization_config"] = BitsAndBytesConfig(**{
-            k: DTYPES.get(v, v) if k == "bnb_4bit_compute_dtype" else v for k, v in quantization.items()
+            k: DTYPES.get(v, v) if k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage") else v
+            for k, v in quantization.items()
         })
-    if device == "cuda":
+    if device == "cuda" and not sharded:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    elif quantization:
+    elif quantization and device == "cpu":
         kwargs["device_map"] = {"": "cpu"}
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -6,8 +6,10 @@ model is loaded; TRL's SFTTrainer, peft and bitsandbytes do the training.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,80 @@ def check_adapter(output_dir: Path) -> int:
     return sum(t.numel() for t in weights.values())
 
 
+def under_launcher() -> bool:
+    """Started by torchrun, accelerate launch or srun (one task per GPU): run as that rank."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        for ours, slurm in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
+            os.environ[ours] = os.environ[slurm]
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            raise ConfigError("srun started several tasks: export MASTER_ADDR and MASTER_PORT (see recipes/slurm/)")
+    return "RANK" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch_if_needed(cfg: TrainConfig, runtime: Runtime, argv: list[str]) -> None:
+    """On N > 1 GPUs (or ``nproc=N``) and not under a launcher, re-runs this command through
+    ``torch.distributed.run`` with N processes and exits with its status; otherwise says why not."""
+    import torch
+
+    if under_launcher():
+        return
+    count = cfg.nproc or (torch.cuda.device_count() if runtime.device == "cuda" else 1)
+    if count == 1:
+        why = "nproc=1" if cfg.nproc else ("one GPU" if runtime.device == "cuda" else "no GPU (nproc=N starts N CPU ranks)")
+        log(f"one process: {why}")
+        return
+    if cfg.batch_size % (cfg.micro_batch_size * count):
+        raise ConfigError(f"key 'batch_size' ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
+                          f"({cfg.micro_batch_size} x {count})")
+    log(f"{count} processes: re-launching through torch.distributed.run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
+               "-m", "alpaca_lora.train", *argv]
+    raise SystemExit(subprocess.call(command))
+
+
+def check_memory(cfg: TrainConfig, gpu_bytes: float) -> None:
+    """Stops before any weight loads when the plan predicts out-of-memory (``force=true`` overrides)."""
+    from alpaca_lora.plan import Setup, find_architecture, report
+
+    architecture = find_architecture(resolve_model_config(cfg.model))
+    if architecture is None:
+        log(f"memory plan skipped: no config for {cfg.model} and not a built-in architecture")
+        return
+    text, fits = report(cfg.model, architecture, Setup.from_config(cfg, cfg.world_size), gpu_bytes, cfg.recipe)
+    if fits:
+        return
+    if cfg.force:
+        log("the memory plan predicts out-of-memory; going on because force=true\n" + text)
+        return
+    print(text, file=sys.stderr)
+    raise ConfigError("the memory plan above predicts out-of-memory on this GPU: lower micro_batch_size or "
+                      "max_length, turn on gradient_checkpointing, use more GPUs, or set force=true")
+
+
+def resolve_model_config(spec: str) -> str:
+    """A local config.json for ``spec`` when one is at hand (a directory, or a cached hub model), else ``spec``."""
+    if Path(spec).is_dir():
+        return spec
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+        return cached if isinstance(cached, str) else spec
+    except Exception:  # not a hub id
+        return spec
+
+
+def load_callbacks(paths: list[str]) -> list:
+    callbacks = []
+    for path in paths:
+        module, _, name = path.partition(":")
+        try:
+            callbacks.append(getattr(importlib.import_module(module), name)())
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"key 'callbacks': cannot load {path} ({exc})") from None
+    return callbacks
+
+
 def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> TrainResult:
     """The whole run; ``callbacks`` are transformers ``TrainerCallback``s (progress hooks, tests)."""
     import torch
@@ -83,6 +159,10 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from alpaca_lora.plots import plot_loss
 
     output_dir = Path(cfg.output_dir)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if runtime.device == "cuda" and cfg.world_size > 1:
+        torch.cuda.set_device(local_rank)  # each rank its own GPU (and its own quantized copy without FSDP)
+    callbacks = list(callbacks or []) + load_callbacks(cfg.callbacks)
     template = get_template(cfg.template)
     data = load_records(cfg.data, cfg.columns)
     train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
@@ -98,16 +178,27 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     has_eval = len(val_set) > 0
     if runtime.notes:
         log(f"no GPU: training on CPU with {', '.join(runtime.notes)}")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         atomic_write_text(output_dir / "config.yaml", resolved_yaml(cfg, runtime, has_eval))
+    if cfg.world_size > 1:
+        print(f"[alpaca-lora] rank {rank} of {cfg.world_size}: global batch {cfg.batch_size} = micro batch "
+              f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x {cfg.world_size} ranks",
+              flush=True)
 
     try:  # SFTConfig checks its own fields: do it before the expensive part
         args = SFTConfig(**sft_kwargs(cfg, runtime, has_eval))
     except ValueError as exc:
         raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
+    if runtime.device == "cuda":
+        check_memory(cfg, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     quantization = quantization_kwargs(cfg, runtime)
-    model = load_model(model_path, quantization, runtime.compute_dtype, runtime.device, cfg.trust_remote_code)
-    if quantization:
+    full = cfg.finetune == "full"
+    load_dtype = "float32" if full else runtime.compute_dtype  # full fine-tuning keeps fp32 master weights
+    if quantization and cfg.quant.quant_storage and runtime.fsdp:
+        load_dtype = cfg.quant.quant_storage  # the non-quantized weights match the packed ones, so FSDP shards all
+    model = load_model(model_path, quantization, load_dtype, runtime.device, cfg.trust_remote_code,
+                       sharded=bool(runtime.fsdp))
+    if quantization and not runtime.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     scored = val_records[: cfg.exact_match_eval]
     before = exact_match(model, tokenizer, template, scored, "before training") if scored else None
@@ -119,10 +210,10 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
         train_dataset=train_set,
         eval_dataset=val_set if has_eval else None,
         processing_class=tokenizer,
-        peft_config=LoraConfig(**lora_kwargs(cfg)),
+        peft_config=None if full else LoraConfig(**lora_kwargs(cfg)),
         callbacks=callbacks,
     )
-    if runtime.compute_dtype == "float32":
+    if runtime.compute_dtype == "float32" and not full:
         train_adapters_in_float32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     after = exact_match(trainer.model, tokenizer, template, scored, "after training") if scored else None
@@ -134,14 +225,20 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
         metrics["eval"] = evals[-1] if final_is_logged else trainer.evaluate()
     if scored:
         metrics["exact_match"] = {"examples": len(scored), "before": before.accuracy, "after": after.accuracy}
+    if trainer.is_fsdp_enabled:  # sharded checkpoints while training; one consolidated model at the end
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(output_dir))  # every rank takes part in gathering; only rank 0 writes
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
-        metrics["adapter_parameters"] = check_adapter(output_dir)
+        if full:
+            metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+        else:
+            metrics["adapter_parameters"] = check_adapter(output_dir)
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
         if scored:
             report_exact_match(scored, before, after)
-        log(f"adapter: {output_dir / 'adapter_model.safetensors'}; loss curve: {output_dir / 'loss.png'}; "
+        weights = "model.safetensors (+ shards)" if full else "adapter_model.safetensors"
+        log(f"{'model' if full else 'adapter'}: {output_dir / weights}; loss curve: {output_dir / 'loss.png'}; "
             f"metrics: {output_dir / 'metrics.json'}")
     return TrainResult(output_dir, metrics, trainer)
 
@@ -170,6 +267,7 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         if cfg.dry_run:
             print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
             return None
+        relaunch_if_needed(cfg, runtime, args)
         return train(cfg, runtime)
 
 

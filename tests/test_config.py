@@ -327,7 +327,8 @@ def test_qlora_gpu_plan(capsys):
     for args in ([], ["recipe=qlora"]):
         plan = dry_run(capsys, *args, "device=cuda")
         assert plan["config"]["recipe"] == "qlora"
-        assert plan["runtime"] == {"device": "cuda", "world_size": 1, "adaptations": []}
+        assert plan["runtime"] == {"device": "cuda", "world_size": 1, "micro_batch_size": 4,
+                                   "gradient_accumulation_steps": 4, "global_batch_size": 16, "adaptations": []}
         assert plan["quantization"] == {
             "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": "bfloat16",
@@ -351,7 +352,7 @@ def test_qlora_gpu_plan(capsys):
         assert sft["max_length"] == 512
         assert sft["num_train_epochs"] == pytest.approx(3.0)
         assert sft["max_steps"] == -1
-        assert sft["fsdp"] == ""
+        assert "fsdp" not in sft and sft["tf32"] is False
         assert sft["train_sampling_strategy"] == "group_by_length"
         assert sft["eval_strategy"] == "steps"  # qlora holds out 2000 rows
         assert sft["output_dir"] == "outputs/qlora"
@@ -531,3 +532,43 @@ def test_cli_help_and_dry_run_stdout_is_pure_yaml():
     assert set(plan) == SECTIONS
     assert plan["config"]["model"] == "/nonexistent/dir"
     assert plan["quantization"] is None
+
+
+def test_full_fsdp_is_stanfords_published_setting(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    plan = dry_run(capsys, "recipe=full_fsdp", "device=cuda")
+    config, runtime, sft = plan["config"], plan["runtime"], plan["sft_config"]
+    assert config["finetune"] == "full" and plan["lora"] is None and plan["quantization"] is None
+    assert config["model"] == "huggyllama/llama-7b" and config["data"] == "tatsu-lab/alpaca"
+    assert runtime == {"device": "cuda", "world_size": 8, "micro_batch_size": 4, "gradient_accumulation_steps": 4,
+                       "global_batch_size": 128, "adaptations": [], "fsdp_wrapped_layer": "LlamaDecoderLayer"}
+    assert sft["fsdp"] == "full_shard auto_wrap" and sft["fsdp_config"] == {"state_dict_type": "SHARDED_STATE_DICT"}
+    assert sft["bf16"] is True and sft["tf32"] is True
+    assert sft["learning_rate"] == pytest.approx(2e-5) and sft["num_train_epochs"] == pytest.approx(3.0)
+    assert sft["per_device_train_batch_size"] == 4 and sft["gradient_accumulation_steps"] == 4
+    assert sft["max_length"] == 512 and sft["warmup_steps"] == pytest.approx(0.03)
+    assert sft["lr_scheduler_type"] == "cosine" and sft["weight_decay"] == 0.0
+    assert sft["completion_only_loss"] is True  # the prompt is masked
+    assert sft["optim"] == "adamw_torch" and sft["gradient_checkpointing"] is False
+    monkeypatch.setenv("WORLD_SIZE", "16")  # 2 nodes x 8 GPUs: the global batch stays 128
+    assert dry_run(capsys, "recipe=full_fsdp", "device=cuda")["runtime"]["gradient_accumulation_steps"] == 2
+    thirteen = dry_run(capsys, "recipe=full_fsdp_13b", "device=cuda")["sft_config"]
+    assert thirteen["learning_rate"] == pytest.approx(1e-5) and thirteen["num_train_epochs"] == pytest.approx(5.0)
+
+
+def test_qlora_fsdp_stores_4bit_weights_in_bf16_for_sharding(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = dry_run(capsys, "recipe=qlora_fsdp", "device=cuda")
+    assert plan["config"]["model"] == "meta-llama/Llama-2-70b-hf"
+    assert plan["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                                    "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"}
+    assert plan["lora"]["r"] == 16 and plan["lora"]["target_modules"] == "all-linear"
+    sft, runtime = plan["sft_config"], plan["runtime"]
+    assert sft["fsdp"] == "full_shard auto_wrap"
+    assert sft["fsdp_config"] == {"state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": True,
+                                  "use_orig_params": False}
+    assert sft["gradient_checkpointing"] is True and sft["gradient_checkpointing_kwargs"] == {"use_reentrant": True}
+    assert runtime["world_size"] == 2 and runtime["gradient_accumulation_steps"] == 8
+    assert runtime["global_batch_size"] == 16 and runtime["fsdp_wrapped_layer"] == "LlamaDecoderLayer"
+    cpu = dry_run(capsys, "recipe=qlora_fsdp", "device=cpu")
+    assert "fsdp" not in cpu["sft_config"] and any("DDP over gloo" in n for n in cpu["runtime"]["adaptations"])
