@@ -80,7 +80,8 @@ def test_one_process_when_there_is_nothing_to_spread_over(tiny_model_dir, monkey
 
 def test_launched_ranks_run_as_they_are_and_srun_tasks_are_adopted(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores what under_launcher() sets
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert not under_launcher()
     monkeypatch.setenv("RANK", "3")  # torchrun / accelerate launch

@@ -1,7 +1,6 @@
 """The memory planner, validated against published peak-memory measurements (like for like: each
 source's own settings), and its command line."""
 
-import json
 
 import pytest
 
