@@ -262,8 +262,8 @@ def quantization_kwargs(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any] | 
             "bnb_4bit_use_double_quant": cfg.quant.double_quant,
             "bnb_4bit_compute_dtype": runtime.compute_dtype,
         }
-        if cfg.quant.quant_storage and cfg.quant.quant_storage != "uint8":
-            kwargs["bnb_4bit_quant_storage"] = cfg.quant.quant_storage if runtime.device == "cuda" else "float32"
+        if runtime.fsdp and cfg.quant.quant_storage and cfg.quant.quant_storage != "uint8":
+            kwargs["bnb_4bit_quant_storage"] = cfg.quant.quant_storage  # only FSDP needs the packed dtype
         return kwargs
     return None
 

@@ -237,9 +237,9 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
         plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
         if scored:
             report_exact_match(scored, before, after)
-        weights = "model.safetensors (+ shards)" if full else "adapter_model.safetensors"
-        log(f"{'model' if full else 'adapter'}: {output_dir / weights}; loss curve: {output_dir / 'loss.png'}; "
-            f"metrics: {output_dir / 'metrics.json'}")
+        weights = f"model: {output_dir} (safetensors + tokenizer)" if full else \
+            f"adapter: {output_dir / 'adapter_model.safetensors'}"
+        log(f"{weights}; loss curve: {output_dir / 'loss.png'}; metrics: {output_dir / 'metrics.json'}")
     return TrainResult(output_dir, metrics, trainer)
 
 
