@@ -256,12 +256,9 @@ def quantization_kwargs(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any] | 
     if cfg.quant.bits == 8:
         return {"load_in_8bit": True}
     if cfg.quant.bits == 4:
-        kwargs = {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": cfg.quant.quant_type,
-            "bnb_4bit_use_double_quant": cfg.quant.double_quant,
-            "bnb_4bit_compute_dtype": runtime.compute_dtype,
-        }
+        from alpaca_lora.model import four_bit_quantization
+
+        kwargs = four_bit_quantization(cfg.quant.quant_type, cfg.quant.double_quant, runtime.compute_dtype)
         if runtime.fsdp and cfg.quant.quant_storage and cfg.quant.quant_storage != "uint8":
             kwargs["bnb_4bit_quant_storage"] = cfg.quant.quant_storage  # only FSDP needs the packed dtype
         return kwargs

@@ -15,7 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import PromptTemplate, get_template
 from alpaca_lora.errors import UserError
-from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+from alpaca_lora.model import compute_dtype_for, four_bit_quantization, load_model, load_tokenizer, resolve_model
 from alpaca_lora.settings import ConfigError, key
 
 # Where a training run and a merge record their settings (the template among them).
@@ -106,6 +106,16 @@ def training_config(directory: str | None) -> dict:
     return {}
 
 
+def trained_quantization(trained: dict, bits: int, compute_dtype: str) -> dict | None:
+    """BitsAndBytesConfig arguments for a base in ``bits``, with the 4-bit settings training used."""
+    if bits == 8:
+        return {"load_in_8bit": True}
+    if bits != 4:
+        return None
+    quant = trained.get("quant", {})
+    return four_bit_quantization(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute_dtype)
+
+
 def load_for_inference(settings: ModelSettings) -> LoadedModel:
     """Base (+ adapter) or merged model, on the chosen device, in eval mode, with its template."""
     if settings.adapter and not (Path(settings.adapter) / "adapter_config.json").is_file():
@@ -119,15 +129,8 @@ def load_for_inference(settings: ModelSettings) -> LoadedModel:
     template = get_template(settings.template or trained.get("template") or "alpaca")
     bits = settings.bits or (trained.get("quant", {}).get("bits", 16) if settings.adapter else 16)
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = "bfloat16" if device == "cuda" else "float32"
-    quantization = None
-    if bits == 4:
-        quant = trained.get("quant", {})
-        quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": quant.get("quant_type", "nf4"),
-                        "bnb_4bit_use_double_quant": quant.get("double_quant", True),
-                        "bnb_4bit_compute_dtype": compute_dtype}
-    elif bits == 8:
-        quantization = {"load_in_8bit": True}
+    compute_dtype = compute_dtype_for(device)
+    quantization = trained_quantization(trained, bits, compute_dtype)
     path = resolve_model(model_spec)
     tokenizer = load_tokenizer(settings.adapter or path, settings.trust_remote_code)
     model = load_model(path, quantization, compute_dtype, device, settings.trust_remote_code)

@@ -22,8 +22,8 @@ import torch
 from omegaconf import MISSING
 
 from alpaca_lora.errors import UserError, exit_on_user_error
-from alpaca_lora.inference import TRAINING_CONFIG_NAMES, training_config
-from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
+from alpaca_lora.inference import TRAINING_CONFIG_NAMES, trained_quantization, training_config
+from alpaca_lora.model import DTYPES, compute_dtype_for, load_model, load_tokenizer, resolve_model
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
 
@@ -85,12 +85,13 @@ def merge(cfg: MergeConfig) -> dict:
 
     base = load_model(path, None, "float32" if cfg.dequantize else _dtype_name(dtype), cfg.device,
                       cfg.trust_remote_code).to(cfg.device)
-    quant = trained.get("quant", {})
+    trained_bits = trained.get("quant", {}).get("bits")
+    nf4 = trained_quantization(trained, 4, compute_dtype_for(cfg.device))
     if cfg.dequantize:
-        if quant.get("bits", 4) != 4:
+        if trained_bits not in (None, 4):
             raise MergeError(f"dequantize=true needs a 4-bit (QLoRA) adapter; {cfg.adapter} was trained with "
-                             f"{quant.get('bits')}-bit weights")
-        _round_trip_through_nf4(base, quant.get("quant_type", "nf4"), quant.get("double_quant", True))
+                             f"{trained_bits}-bit weights")
+        _round_trip_through_nf4(base, nf4["bnb_4bit_quant_type"], nf4["bnb_4bit_use_double_quant"])
         base.to(dtype)
     model = PeftModel.from_pretrained(base, cfg.adapter)
     base_logits, adapted_logits = _logits(model, probes, with_adapter=False), _logits(model, probes)
@@ -108,6 +109,7 @@ def merge(cfg: MergeConfig) -> dict:
     tolerance = cfg.tolerance if cfg.tolerance is not None else RELATIVE_TOLERANCE[_dtype_name(dtype)]
     report = {
         "adapter": str(cfg.adapter), "base": base_spec, "dequantized_nf4_base": cfg.dequantize,
+        "adapter_trained_bits": trained_bits,
         "dtype": _dtype_name(dtype), "template": template.name, "probe_prompts": len(PROBES),
         "max_logit_difference_merged_vs_adapter": difference,
         "relative_difference": difference / scale, "tolerance": tolerance,
@@ -115,7 +117,7 @@ def merge(cfg: MergeConfig) -> dict:
         "lora_weights_checked": len(watched), "lora_weights_changed": int(changed),
     }
     if cfg.dequantize:  # the same adapter on the 4-bit model it was trained on, as bitsandbytes computes it
-        report["relative_difference_vs_4bit_model"] = _vs_4bit_model(path, cfg, quant, probes, adapted_logits) / scale
+        report["relative_difference_vs_4bit_model"] = _vs_4bit_model(path, cfg, nf4, probes, adapted_logits) / scale
         if report["relative_difference_vs_4bit_model"] > NF4_CONSISTENCY:
             raise MergeError(f"the dequantized base does not reproduce the 4-bit model ({report['relative_difference_vs_4bit_model']:.2e} "
                              f"relative > {NF4_CONSISTENCY}); nothing was written")
@@ -145,13 +147,10 @@ def _round_trip_through_nf4(model, quant_type: str, double_quant: bool) -> None:
             module.weight.data = bnbf.dequantize_4bit(packed, state).to(module.weight.dtype)
 
 
-def _vs_4bit_model(path: str, cfg: MergeConfig, quant: dict, probes: dict, adapted: torch.Tensor) -> float:
+def _vs_4bit_model(path: str, cfg: MergeConfig, nf4: dict, probes: dict, adapted: torch.Tensor) -> float:
     from peft import PeftModel
 
-    compute = "float32" if cfg.device == "cpu" else "bfloat16"
-    quantized = load_model(path, {"load_in_4bit": True, "bnb_4bit_quant_type": quant.get("quant_type", "nf4"),
-                                  "bnb_4bit_use_double_quant": quant.get("double_quant", True),
-                                  "bnb_4bit_compute_dtype": compute}, compute, cfg.device, cfg.trust_remote_code)
+    quantized = load_model(path, nf4, nf4["bnb_4bit_compute_dtype"], cfg.device, cfg.trust_remote_code)
     reference = _logits(PeftModel.from_pretrained(quantized, cfg.adapter), probes)
     return (reference - adapted).abs().max().item()
 
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['max_logit_difference_merged_vs_adapter']:.3g} (relative {report['relative_difference']:.1e}, "
               f"tolerance {report['tolerance']:g}); the adapter moves logits by "
               f"{report['max_logit_difference_adapter_vs_base']:.3g}; report: {Path(cfg.output) / 'merge_report.json'}")
-        if training_config(cfg.adapter).get("quant", {}).get("bits") == 4 and not cfg.dequantize:
+        if report["adapter_trained_bits"] == 4 and not cfg.dequantize:
             print("note: this adapter was trained on a 4-bit base; dequantize=true merges it into the NF4 weights "
                   "it saw, which reproduces base+adapter as trained (see the README)")
     return 0

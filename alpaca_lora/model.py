@@ -93,6 +93,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def compute_dtype_for(device: str) -> str:
+    """bf16 on a GPU; float32 on CPU, where bf16 matmuls are about 2x slower."""
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def four_bit_quantization(quant_type: str, double_quant: bool, compute_dtype: str) -> dict:
+    """BitsAndBytesConfig arguments of a QLoRA base: the one place they are spelled out."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": compute_dtype}
+
+
 def train_adapters_in_float32(model) -> None:
     """TRL stores QLoRA adapters in bf16 (the paper's GPU setting); on CPU, bf16 matmuls are about 2x
     slower than fp32, so without a GPU the trainable parameters are kept in float32."""
