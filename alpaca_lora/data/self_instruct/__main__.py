@@ -17,12 +17,13 @@ from alpaca_lora.data.self_instruct.clean import clean_records
 from alpaca_lora.data.self_instruct.engine import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
 from alpaca_lora.journal import Journal
-from alpaca_lora.data.self_instruct.settings import BuilderConfig, help_text, load_builder_config
+from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
 from alpaca_lora.data.self_instruct.teacher import Teacher, price_per_million
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.errors import UserError, exit_on_user_error
 from alpaca_lora.paths import atomic_write_text
+from alpaca_lora.settings import wants_help
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 
@@ -33,8 +34,7 @@ def log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(help_text())
+    if wants_help(argv, TOOL, "[mode=generate|regenerate|clean] key=value ...", BuilderConfig):
         return 0
     with exit_on_user_error():
         cfg = load_builder_config(argv)

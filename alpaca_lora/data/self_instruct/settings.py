@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from alpaca_lora.data.self_instruct.tasks import STANFORD_SEED_TASKS
-from alpaca_lora.settings import ConfigError, build, key, key_lines, parse_overrides
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides
 
 TOOL = "alpaca_lora.data.self_instruct"
 MODES = ("generate", "regenerate", "clean")
@@ -91,10 +91,3 @@ def load_builder_config(overrides: list[str]) -> BuilderConfig:
             raise ConfigError(f"key '{name}' {message}")
     return cfg
 
-
-def help_text() -> str:
-    return "\n".join([
-        f"usage: python -m {TOOL} [mode=generate|regenerate|clean] key=value ...",
-        "keys, with their defaults:",
-        *key_lines(BuilderConfig),
-    ])
