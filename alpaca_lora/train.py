@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
-    from alpaca_lora.evaluate import exact_match
+    from alpaca_lora.evaluate.exact_match import exact_match
     from alpaca_lora.model import load_model, load_tokenizer, resolve_model, train_adapters_in_float32
     from alpaca_lora.plots import plot_loss
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from alpaca_lora.data.self_instruct.__main__ import main as build
-from alpaca_lora.data.self_instruct.teacher import PRICES
+from alpaca_lora.endpoint.client import PRICES
 from alpaca_lora.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent

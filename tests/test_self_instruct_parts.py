@@ -9,7 +9,7 @@ from alpaca_lora.data.self_instruct.clean import clean_records
 from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, encode_prompt, load_seed_tasks, parse_reply
-from alpaca_lora.data.self_instruct.teacher import price_per_million
+from alpaca_lora.endpoint.client import price_per_million
 from alpaca_lora.errors import UserError
 
 EXAMPLES = [

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.clean import clean_records
-from alpaca_lora.data.self_instruct.engine import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
+from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
 from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
-from alpaca_lora.data.self_instruct.teacher import Teacher, price_per_million
+from alpaca_lora.endpoint.client import Endpoint, price_per_million
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.errors import UserError, exit_on_user_error
 from alpaca_lora.paths import atomic_write_text
@@ -62,7 +62,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
         totals.add(entry)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                 "stop": cfg.stop_sequences or None, "extra_body": cfg.extra_body or None}
-    teacher = Teacher(cfg.model, cfg.base_url, cfg.api, {k: v for k, v in sampling.items() if v is not None},
+    teacher = Endpoint(cfg.model, cfg.base_url, cfg.api, {k: v for k, v in sampling.items() if v is not None},
                       cfg.timeout, cfg.max_retries, price)
     log(f"{cfg.mode}: model {cfg.model} at {teacher.client.base_url}, {cfg.api} API, "
         f"{cfg.concurrency} requests in flight; journal {journal.path}")

@@ -8,7 +8,7 @@ from collections import Counter
 from alpaca_lora.data.loading import DataError
 from alpaca_lora.data.near_duplicates import NearDuplicateIndex
 from alpaca_lora.data.self_instruct.tasks import encode_prompt, parse_reply
-from alpaca_lora.data.self_instruct.teacher import Reply
+from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.data.templates import PromptTemplate
 
 

@@ -1,4 +1,4 @@
-"""Runs a job's requests against the teacher: many in flight, at a steady rate if asked, within a
+"""Runs a job's requests against the endpoint: many in flight, at a steady rate if asked, within a
 request and cost budget, journaling each finished request so that the same command resumes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from alpaca_lora.journal import Journal
-from alpaca_lora.data.self_instruct.teacher import Reply, Teacher
+from alpaca_lora.endpoint.client import Reply, Endpoint
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
 # down or refuses our requests (a parameter it does not take): stop and show the last error.
@@ -65,7 +65,7 @@ class Budget:
     max_cost: float | None
 
 
-def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, totals: Totals,
+def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget, totals: Totals,
                  mode: str, desc: str) -> str:
     """Runs until the job is finished or a limit is reached; returns why it stopped."""
     number = totals.requests
@@ -82,7 +82,7 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
             if stop is None and failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 stop = "endpoint_failing"
             while stop is None and len(in_flight) < budget.concurrency and time.monotonic() >= next_start:
-                limit = _budget_limit(budget, totals, teacher, len(in_flight))
+                limit = _budget_limit(budget, totals, endpoint, len(in_flight))
                 if limit and not in_flight:
                     stop = limit
                 if limit or _in_flight_should_suffice(job, totals, len(in_flight)):
@@ -91,7 +91,7 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
                 if request is None:
                     break
                 key, prompt = request
-                in_flight[pool.submit(teacher.complete, prompt)] = (number, key)
+                in_flight[pool.submit(endpoint.complete, prompt)] = (number, key)
                 number += 1
                 if budget.requests_per_minute:
                     next_start = time.monotonic() + 60.0 / budget.requests_per_minute
@@ -117,18 +117,18 @@ def run_requests(job: Job, teacher: Teacher, journal: Journal, budget: Budget, t
                 failed = reply.problem in ("failed_request", "rejected_request")
                 failures_in_a_row = failures_in_a_row + 1 if failed else 0
                 bar.n = job.done()
-                bar.set_postfix_str(_postfix(totals, teacher), refresh=True)
+                bar.set_postfix_str(_postfix(totals, endpoint), refresh=True)
     except KeyboardInterrupt:
         stop = "interrupted"
     finally:
         bar.close()
         if in_flight:  # interrupted or failed: abandon them, their replies would not be journaled
-            teacher.close()
+            endpoint.close()
         pool.shutdown(wait=not in_flight, cancel_futures=True)
     return stop
 
 
-def _budget_limit(budget: Budget, totals: Totals, teacher: Teacher, in_flight: int) -> str | None:
+def _budget_limit(budget: Budget, totals: Totals, endpoint: Endpoint, in_flight: int) -> str | None:
     """The limit one more request would pass, counting those in flight at the average cost so far."""
     if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
         return "max_requests"
@@ -136,7 +136,7 @@ def _budget_limit(budget: Budget, totals: Totals, teacher: Teacher, in_flight: i
         return None
     if not totals.succeeded:
         return "max_cost" if in_flight else None  # no cost measured yet: one request at a time
-    spent = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+    spent = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
     return "max_cost" if spent + (in_flight + 1) * spent / totals.succeeded > budget.max_cost else None
 
 
@@ -147,8 +147,8 @@ def _in_flight_should_suffice(job: Job, totals: Totals, in_flight: int) -> bool:
     return in_flight * totals.records / totals.succeeded >= job.total - job.done()
 
 
-def _postfix(totals: Totals, teacher: Teacher) -> str:
-    cost = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+def _postfix(totals: Totals, endpoint: Endpoint) -> str:
+    cost = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
     dropped = ", ".join(f"{reason} {count}" for reason, count in totals.discarded.most_common())
     problems = ", ".join(f"{reason} {count}" for reason, count in totals.problems.most_common())
     return " | ".join(filter(None, [
@@ -160,8 +160,8 @@ def _dollars(amount: float) -> str:
     return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}"
 
 
-def summary(job: Job, totals: Totals, teacher: Teacher, stop: str, elapsed: float, target: int) -> dict:
-    cost = teacher.cost(totals.prompt_tokens, totals.completion_tokens)
+def summary(job: Job, totals: Totals, endpoint: Endpoint, stop: str, elapsed: float, target: int) -> dict:
+    cost = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
     done = job.done()
     per_record = {"prompt_tokens": round(totals.prompt_tokens / done, 1) if done else None,
                   "completion_tokens": round(totals.completion_tokens / done, 1) if done else None}
@@ -173,8 +173,8 @@ def summary(job: Job, totals: Totals, teacher: Teacher, stop: str, elapsed: floa
         "last_error": totals.last_error,
         "prompt_tokens": totals.prompt_tokens, "completion_tokens": totals.completion_tokens,
         "cost_usd": None if cost is None else round(cost, 4),
-        "price_usd_per_million_tokens": None if teacher.price is None else
-        {"input": teacher.price[0], "output": teacher.price[1]},
+        "price_usd_per_million_tokens": None if endpoint.price is None else
+        {"input": endpoint.price[0], "output": endpoint.price[1]},
         "tokens_per_record": per_record,
         "projected_cost_usd_for_target": round(cost / done * target, 4) if cost is not None and done else None,
         "discarded": dict(totals.discarded.most_common()),

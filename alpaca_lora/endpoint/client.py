@@ -1,4 +1,4 @@
-"""The teacher model behind any OpenAI-compatible endpoint, through the official ``openai`` client.
+"""A model behind any OpenAI-compatible endpoint (a teacher, a judge), through the official ``openai`` client.
 
 The client retries 429 (honouring ``Retry-After``), 5xx, timeouts and dropped connections with
 exponential backoff and jitter; we count its retries, sum token usage and price it, and turn every
@@ -66,7 +66,9 @@ def price_per_million(model: str, prices_file: str | None, price_input: float | 
             price_output if price_output is not None else known[1])
 
 
-class Teacher:
+class Endpoint:
+    """One OpenAI-compatible model: requests with retries, counted and priced."""
+
     def __init__(self, model: str, base_url: str | None, api: str, sampling: dict, timeout: float,
                  max_retries: int, price: tuple[float, float] | None):
         api_key = os.environ.get("OPENAI_API_KEY")
