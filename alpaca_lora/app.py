@@ -1,4 +1,4 @@
-"""A Gradio page to try a fine-tuned model: ``python -m alpaca_lora.app [adapter=DIR] [model=DIR] [port=7860]``
+"""A Gradio page to try a fine-tuned model: ``alpaca-lora app [adapter=DIR] [model=DIR] [port=7860]``
 
 Instruction and input boxes, decoding controls that take effect (only the ones the chosen mode
 uses can be changed), streamed output, a stop button, example prompts, and the exact prompt the
@@ -14,11 +14,18 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from alpaca_lora.errors import exit_on_user_error
-from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
+from alpaca_lora.errors import ConfigError
+from alpaca_lora.inference import (
+    Decoding,
+    Generation,
+    InferenceModel,
+    LoadedModel,
+    load_for_inference,
+    load_inference_settings,
+)
+from alpaca_lora.settings import entry_point, help_text, key
 
-TOOL = "alpaca_lora.app"
+TOOL = "app"
 EXAMPLES = [
     ["Give three tips for staying healthy.", ""],
     ["Translate the sentence into French.", "Where is the train station?"],
@@ -28,7 +35,7 @@ EXAMPLES = [
 
 
 @dataclass
-class AppConfig(ModelSettings):
+class AppConfig(InferenceModel):
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the page to the network)")
     port: int = key(7860, "port")
     share: bool = key(False, "also publish a temporary public gradio.live link")
@@ -65,7 +72,8 @@ def build_page(loaded: LoadedModel):
                 instruction = gr.Textbox(label="Instruction", lines=3, elem_id="instruction")
                 input_text = gr.Textbox(label="Input (optional)", lines=3, elem_id="input")
                 mode = gr.Radio(["greedy", "sample", "beam"], value="greedy", label="Decoding", elem_id="decoding")
-                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sample)", interactive=False)
+                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sample)",
+                                        interactive=False)
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top p (sample)", interactive=False)
                 top_k = gr.Slider(0, 200, value=40, step=1, label="Top k (sample; 0: off)", interactive=False)
                 num_beams = gr.Slider(2, 8, value=4, step=1, label="Beams (beam)", interactive=False)
@@ -88,21 +96,22 @@ def build_page(loaded: LoadedModel):
     return page
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, TOOL, "[adapter=DIR] [model=DIR] [port=7860] [key=value ...]", AppConfig):
-        return 0
-    with exit_on_user_error():
-        cfg: AppConfig = build(AppConfig, [("command line", parse_overrides(argv))], TOOL)
-        auth = None
-        if cfg.auth_env:
-            user, _, password = os.environ.get(cfg.auth_env, "").partition(":")
-            if not user or not password:
-                raise ConfigError(f"key 'auth_env': {cfg.auth_env} must hold user:password")
-            auth = (user, password)
-        page = build_page(load_for_inference(cfg))
+def run(cfg: AppConfig) -> int:
+    auth = None
+    if cfg.auth_env:
+        user, _, password = os.environ.get(cfg.auth_env, "").partition(":")
+        if not user or not password:
+            raise ConfigError(f"key 'auth_env': {cfg.auth_env} must hold user:password")
+        auth = (user, password)
+    page = build_page(load_for_inference(cfg))
     page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=auth)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    usage = "[adapter=DIR] [model=DIR] [port=7860] [key=value ...]"
+    return entry_point(argv, lambda: help_text(TOOL, usage, AppConfig),
+                       lambda args: load_inference_settings(AppConfig, args, TOOL), run) or 0
 
 
 if __name__ == "__main__":

@@ -1,180 +1,181 @@
-"""Training configuration: a recipe (YAML) plus ``key=value`` overrides, merged by OmegaConf into
-typed dataclasses, then translated into the Hugging Face objects (SFTConfig, BitsAndBytesConfig,
-LoraConfig) that do the work.
+"""Training configuration: built-in defaults <- a recipe (YAML, possibly extending another) <-
+``key=value`` overrides, merged by OmegaConf into a typed :class:`TrainConfig`, then translated into
+the Hugging Face objects (SFTConfig, BitsAndBytesConfig, LoraConfig) that do the work.
+
+The defaults are the QLoRA paper's settings; a recipe states what it is for and what differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from alpaca_lora.errors import UserError
-from alpaca_lora.settings import ConfigError, build, key_lines, parse_overrides
-from alpaca_lora.settings import key as _key
+from alpaca_lora import launcher
+from alpaca_lora.errors import ConfigError, UserError
+from alpaca_lora.model_args import (
+    ModelArguments,
+    compute_dtype,
+    describe_quantization,
+    model_checks,
+    quantization_config,
+    resolve_device,
+)
+from alpaca_lora.settings import Layer, build, check, command_line, key, key_lines, peek
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "qlora"
+TOOL = "train"
+TRUNCATION = ("cut", "cut_eos", "drop")
 
 
 @dataclass
 class LoraSettings:
-    r: int = _key(64, "LoRA rank")
-    alpha: int = _key(16, "LoRA alpha (scaling is alpha / r)")
-    dropout: float = _key(0.05, "dropout on the LoRA path")
-    target_modules: List[str] = _key(["all-linear"], "modules to adapt; 'all-linear' means every linear layer")
+    r: int = key(64, "LoRA rank")
+    alpha: int = key(16, "LoRA alpha (scaling is alpha / r)")
+    dropout: float = key(0.05, "dropout on the LoRA path")
+    target_modules: List[str] = key(["all-linear"], "modules to adapt; 'all-linear' means every linear layer")
 
 
 @dataclass
-class QuantSettings:
-    bits: int = _key(4, "storage precision of the frozen base: 4 (NF4/FP4), 8 (LLM.int8) or 16 (no quantization)")
-    quant_type: str = _key("nf4", "4-bit data type: nf4 or fp4")
-    double_quant: bool = _key(True, "also quantize the 4-bit quantization constants (QLoRA double quantization)")
-    compute_dtype: str = _key("bfloat16", "dtype of the matmuls and of a 16-bit base on GPU (float32 on CPU)")
-    quant_storage: Optional[str] = _key(None, "dtype the 4-bit weights are packed in (bfloat16 lets FSDP shard "
-                                              "them with the rest; default uint8)")
-
-
-@dataclass
-class TrainConfig:
-    recipe: str = _key(DEFAULT_RECIPE, "recipe name in recipes/ or a path to a YAML file")
-    finetune: str = _key("lora", "lora (adapters on a frozen base) or full (every parameter, no adapters)")
-    model: str = _key(MISSING, "base model: hub id, local directory, .gguf file, or package:MODULE/FILE.gguf")
-    data: str = _key("tatsu-lab/alpaca", "data: .json/.jsonl file, http(s) URL, hub dataset id, or builtin:NAME")
-    columns: Dict[str, str] = _key({}, "map our fields to the data's, e.g. columns.output=response")
-    template: str = _key("alpaca", "prompt template: alpaca, alpaca_lora, or a .json/.yaml template file")
-    output_dir: str = _key("outputs/qlora", "where the adapter, checkpoints, config.yaml, metrics.json, loss.png go")
-    max_steps: int = _key(-1, "stop after this many optimizer steps (-1: run num_epochs)")
-    num_epochs: float = _key(3.0, "passes over the training split")
-    learning_rate: float = _key(2e-4, "peak learning rate")
-    batch_size: int = _key(16, "global batch size (sequences per optimizer step, all devices together)")
-    micro_batch_size: int = _key(4, "sequences per device per forward pass")
-    max_length: int = _key(512, "maximum tokens per example; longer responses are cut and still end with EOS")
-    train_on_inputs: bool = _key(False, "also train on the prompt (alpaca-lora's default); false masks it (Stanford)")
-    val_set_size: float = _key(0.0, "validation split: a fraction (<1) or a number of rows (>=1); 0 for none")
-    seed: int = _key(42, "seed for the split, shuffling and LoRA initialisation")
-    resume_from_checkpoint: Optional[str] = _key(None, "true: newest checkpoint in output_dir; or a checkpoint path")
-    dry_run: bool = _key(False, "print the resolved configuration (with the derived SFTConfig) and exit")
-    device: str = _key("auto", "auto, cuda or cpu (cpu trains in float32 without paged optimizers)")
-    trust_remote_code: bool = _key(False, "allow the model repository's own Python code to run")
-    optim: str = _key("paged_adamw_32bit", "optimizer name as transformers knows it")
-    lr_scheduler: str = _key("constant", "learning-rate schedule (transformers' lr_scheduler_type)")
-    warmup: float = _key(0.03, "learning-rate warmup: a fraction of the steps (<1) or a number of steps (>=1)")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
-    max_grad_norm: float = _key(0.3, "gradient clipping norm")
-    gradient_checkpointing: bool = _key(True, "recompute activations in the backward pass to save memory")
-    group_by_length: bool = _key(True, "batch examples of similar length together (less padding, faster)")
-    logging_steps: int = _key(10, "log the training loss every N steps")
-    eval_steps: int = _key(200, "evaluate on the validation split every N steps")
-    save_steps: int = _key(200, "write a resumable checkpoint every N steps")
-    save_total_limit: int = _key(3, "checkpoints kept in output_dir")
-    report_to: List[str] = _key(["tensorboard"], "loggers: tensorboard, wandb (W&B reads WANDB_* variables)")
-    exact_match_eval: int = _key(0, "score exact-match accuracy on N validation rows before and after training")
-    fsdp: Optional[str] = _key("", "FSDP sharding for multi-GPU runs, as transformers spells it (empty for none)")
-    fsdp_config: Dict[str, Any] = _key({}, "transformers' fsdp_config (the wrapped layer class defaults to the "
-                                           "model's own decoder layer)")
-    tf32: bool = _key(False, "allow TF32 matmuls on Ampere or newer GPUs")
-    nproc: Optional[int] = _key(None, "processes to start when not under a launcher (default: one per visible GPU)")
-    force: bool = _key(False, "train even when the memory plan predicts the GPU will run out")
-    callbacks: List[str] = _key([], "extra transformers TrainerCallback classes, as module:Class import paths")
+class TrainConfig(ModelArguments):
+    model: str = key(MISSING, "base model: hub id, local directory, .gguf file, or package:MODULE/FILE.gguf")
+    recipe: str = key(DEFAULT_RECIPE, "recipe name (alpaca-lora recipes lists them) or a path to a YAML file")
+    description: str = key("", "what the recipe is for (shown by alpaca-lora recipes)")
+    finetune: str = key("lora", "lora (adapters on a frozen base) or full (every parameter, no adapters)")
+    data: str = key("tatsu-lab/alpaca", "data: .json/.jsonl file, http(s) URL, hub dataset id, or builtin:NAME")
+    columns: Dict[str, str] = key({}, "map our fields to the data's, e.g. columns.output=response")
+    output_dir: str = key("outputs/qlora", "where the adapter, checkpoints, training_config.yaml, metrics.json, "
+                                           "loss.png go")
+    max_steps: int = key(-1, "stop after this many optimizer steps (-1: run num_epochs)")
+    num_epochs: float = key(3.0, "passes over the training split")
+    learning_rate: float = key(2e-4, "peak learning rate")
+    batch_size: int = key(16, "global batch size (sequences per optimizer step, all devices together)")
+    micro_batch_size: int = key(4, "sequences per device per forward pass")
+    max_length: int = key(512, "maximum tokens per example (see truncation)")
+    truncation: str = key("cut", "an example over max_length: cut (its response is cut, no EOS, as Stanford and "
+                                 "alpaca-lora do), cut_eos (cut, then EOS: teaches stopping mid-sentence) or drop")
+    train_on_inputs: bool = key(False, "also train on the prompt (alpaca-lora's default); false masks it (Stanford)")
+    val_set_size: float = key(0.0, "validation split: a fraction (<1) or a number of rows (>=1); 0 for none")
+    seed: int = key(42, "seed for the split, shuffling and LoRA initialisation")
+    resume_from_checkpoint: Optional[str] = key(None, "true: newest checkpoint in output_dir; or a checkpoint path")
+    dry_run: bool = key(False, "print the resolved configuration (with the derived SFTConfig) and exit")
+    optim: str = key("paged_adamw_32bit", "optimizer name as transformers knows it")
+    lr_scheduler: str = key("constant", "learning-rate schedule (transformers' lr_scheduler_type)")
+    warmup: float = key(0.03, "learning-rate warmup: a fraction of the steps (<1) or a number of steps (>=1)")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    max_grad_norm: float = key(0.3, "gradient clipping norm")
+    gradient_checkpointing: bool = key(True, "recompute activations in the backward pass to save memory")
+    group_by_length: bool = key(True, "batch examples of similar length together (less padding, faster)")
+    logging_steps: int = key(10, "log the training loss every N steps")
+    eval_steps: int = key(200, "evaluate on the validation split every N steps")
+    save_steps: int = key(200, "write a resumable checkpoint every N steps")
+    save_total_limit: int = key(3, "checkpoints kept in output_dir")
+    report_to: List[str] = key(["tensorboard"], "loggers: tensorboard, wandb (W&B reads WANDB_* variables)")
+    exact_match_eval: int = key(0, "score exact-match accuracy on N validation rows before and after training")
+    fsdp: Optional[str] = key("", "FSDP sharding for multi-GPU runs, as transformers spells it (empty for none)")
+    fsdp_config: Dict[str, Any] = key({}, "transformers' fsdp_config (the wrapped layer class defaults to the "
+                                          "model's own decoder layer)")
+    tf32: bool = key(False, "allow TF32 matmuls on Ampere or newer GPUs")
+    nproc: Optional[int] = key(None, "processes to start when not under a launcher (default: one per visible GPU)")
+    force: bool = key(False, "train even when the memory plan predicts the GPU will run out")
+    callbacks: List[str] = key([], "extra transformers TrainerCallback classes, as module:Class import paths")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter settings"})
-    quant: QuantSettings = field(default_factory=QuantSettings, metadata={"help": "quantization of the base"})
-    sft: Dict[str, Any] = _key({}, "extra SFTConfig fields by their Hugging Face names, e.g. sft.logging_first_step=true")
-
-    @property
-    def world_size(self) -> int:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.batch_size // (self.micro_batch_size * self.world_size)
+    sft: Dict[str, Any] = key({}, "extra SFTConfig fields by their Hugging Face names, "
+                                  "e.g. sft.logging_first_step=true")
 
 
-def recipe_path(name: str) -> Path:
-    path = Path(name)
+def recipe_path(name: str, relative_to: Path | None = None) -> Path:
+    """A shipped recipe by name, or a YAML file by path (relative to an extending recipe's folder)."""
+    path = Path(name).expanduser()
     if path.suffix in {".yaml", ".yml"}:
+        if not path.is_absolute() and relative_to is not None and (relative_to / path).is_file():
+            path = relative_to / path
         if not path.is_file():
             raise ConfigError(f"recipe file {name} not found")
         return path
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(available)}")
+        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(recipe_names())}")
     return path
 
 
-def load_config(overrides: list[str]) -> TrainConfig:
-    """Defaults <- recipe YAML <- ``key=value`` overrides, as a validated :class:`TrainConfig`."""
-    dotlist = parse_overrides(overrides)
-    recipe = str(dotlist.get("recipe") or DEFAULT_RECIPE)
-    path = recipe_path(recipe)
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_layers(name: str, relative_to: Path | None = None, seen: tuple = ()) -> list[Layer]:
+    """The recipe's YAML as a settings layer, after the layers of the recipe it ``extends``."""
+    path = recipe_path(name, relative_to)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' makes a cycle")
     try:
-        recipe_yaml = OmegaConf.load(path)
+        values = OmegaConf.load(path)
     except Exception as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    cfg: TrainConfig = build(TrainConfig, [(str(path), recipe_yaml), ("command line", dotlist)], "alpaca_lora.train")
+    parent = values.pop("extends", None) if isinstance(values, DictConfig) else None
+    layers = recipe_layers(str(parent), path.parent, (*seen, path.resolve())) if parent else []
+    return layers + [Layer(str(path), values)]
+
+
+def load_config(overrides: list[str], schema: type = None) -> TrainConfig:
+    """Defaults <- recipe YAML <- ``key=value`` overrides, as a validated :class:`TrainConfig`."""
+    schema = schema or TrainConfig
+    cli = command_line(overrides, schema)
+    recipe = peek(overrides, "recipe") or DEFAULT_RECIPE
+    cfg = build(schema, [*recipe_layers(recipe), cli], TOOL)
     cfg.recipe = recipe
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks the meaning of values (types were checked by OmegaConf); each error names its key."""
+    """Checks the meaning of values (types were checked by OmegaConf); every problem names its key."""
     from alpaca_lora.data.templates import get_template
 
-    checks = [
-        (lambda: cfg.quant.bits in (4, 8, 16), "quant.bits", "must be 4, 8 or 16"),
-        (lambda: cfg.quant.quant_type in ("nf4", "fp4"), "quant.quant_type", "must be nf4 or fp4"),
-        (lambda: cfg.quant.compute_dtype in ("bfloat16", "float16", "float32"), "quant.compute_dtype",
-         "must be bfloat16, float16 or float32"),
-        (lambda: cfg.device in ("auto", "cuda", "cpu"), "device", "must be auto, cuda or cpu"),
-        (lambda: cfg.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
-        (lambda: cfg.world_size >= 1, "WORLD_SIZE", "(environment) must be at least 1"),
-        (lambda: cfg.batch_size % (cfg.micro_batch_size * cfg.world_size) == 0, "batch_size",
-         f"must be a multiple of micro_batch_size x world size ({cfg.micro_batch_size} x {cfg.world_size})"),
-        (lambda: cfg.max_length >= 8, "max_length", "must be at least 8"),
-        (lambda: cfg.val_set_size >= 0, "val_set_size", "must be 0 or more"),
-        (lambda: cfg.max_steps > 0 or cfg.num_epochs > 0, "num_epochs", "must be positive when max_steps is -1"),
-        (lambda: cfg.learning_rate > 0, "learning_rate", "must be positive"),
-        (lambda: cfg.warmup >= 0, "warmup", "must be 0 or more"),
-        (lambda: cfg.lora.r >= 1, "lora.r", "must be at least 1"),
-        (lambda: bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module"),
-        (lambda: set(cfg.columns) <= {"instruction", "input", "output"}, "columns",
+    world = launcher.planned_world_size(cfg.nproc, cfg.device)
+    checks = model_checks(cfg) + [
+        (cfg.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
+        (lambda: cfg.batch_size % (cfg.micro_batch_size * world) == 0, "batch_size",
+         f"must be a multiple of micro_batch_size x processes ({cfg.micro_batch_size} x {world})"),
+        (cfg.max_length >= 8, "max_length", "must be at least 8"),
+        (cfg.truncation in TRUNCATION, "truncation", f"must be one of {', '.join(TRUNCATION)}"),
+        (cfg.val_set_size >= 0, "val_set_size", "must be 0 or more"),
+        (cfg.max_steps > 0 or cfg.num_epochs > 0, "num_epochs", "must be positive when max_steps is -1"),
+        (cfg.learning_rate > 0, "learning_rate", "must be positive"),
+        (cfg.warmup >= 0, "warmup", "must be 0 or more"),
+        (cfg.lora.r >= 1, "lora.r", "must be at least 1"),
+        (bool(cfg.lora.target_modules), "lora.target_modules", "must name at least one module"),
+        (set(cfg.columns) <= {"instruction", "input", "output"}, "columns",
          "may only map instruction, input and output"),
-        (lambda: cfg.exact_match_eval <= 0 or cfg.val_set_size > 0, "exact_match_eval",
+        (cfg.exact_match_eval <= 0 or cfg.val_set_size > 0, "exact_match_eval",
          "needs a validation split (val_set_size)"),
-        (lambda: cfg.finetune in ("lora", "full"), "finetune", "must be lora or full"),
-        (lambda: cfg.finetune == "lora" or cfg.quant.bits == 16, "quant.bits",
+        (cfg.finetune in ("lora", "full"), "finetune", "must be lora or full"),
+        (cfg.finetune == "lora" or cfg.quant.bits == 16, "quant.bits",
          "must be 16 with finetune=full (quantized weights cannot be trained)"),
-        (lambda: cfg.quant.quant_storage in (None, "uint8", "bfloat16", "float16", "float32"), "quant.quant_storage",
-         "must be uint8, bfloat16, float16 or float32"),
-        (lambda: cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
+        (cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
     ]
-    for ok, key, message in checks:  # in order: later checks may rely on earlier ones
-        if not ok():
-            raise ConfigError(f"key '{key}' {message}")
-    try:
-        get_template(cfg.template)
-    except UserError as exc:
-        raise ConfigError(f"key 'template': {exc}") from None
     from trl import SFTConfig
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}
-    for key in cfg.sft:
-        if key not in known:
-            raise ConfigError(f"key 'sft.{key}' is not an SFTConfig field")
+    checks += [(name in known, f"sft.{name}", "is not an SFTConfig field") for name in cfg.sft]
+    try:
+        get_template(cfg.template)
+    except UserError as exc:
+        checks.append((False, "template", f": {exc}"))  # the message names the template
+    check(checks)
 
 
 def help_text() -> str:
-    recipes = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     lines = [
-        "usage: python -m alpaca_lora.train [recipe=NAME] [key=value ...]",
-        f"recipes: {recipes} (default {DEFAULT_RECIPE}); a recipe sets its own values, dry_run=true shows them",
-        "keys (dotted keys set nested ones, e.g. lora.r=16), with their built-in defaults:",
+        f"usage: alpaca-lora {TOOL} [recipe=NAME] [key=value ...]   (also: python -m alpaca_lora.train ...)",
+        f"recipes: {', '.join(recipe_names())} (default {DEFAULT_RECIPE}; alpaca-lora recipes says what each is "
+        "for); a recipe sets its own values, dry_run=true shows them",
+        "keys (dotted keys set nested ones, e.g. lora.r=16; text keys are taken as typed), with their built-in "
+        "defaults:",
     ]
     return "\n".join(lines + key_lines(TrainConfig))
 
@@ -188,20 +189,23 @@ class Runtime:
     optim: str
     bf16: bool
     notes: list[str]
+    world_size: int = 1
     fsdp: str = ""
+
+    def gradient_accumulation_steps(self, cfg: TrainConfig) -> int:
+        return cfg.batch_size // (cfg.micro_batch_size * self.world_size)
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
     import torch
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
+    world = launcher.planned_world_size(cfg.nproc, cfg.device)
     if device == "cuda" and not cfg.dry_run and not torch.cuda.is_available():
         raise ConfigError("key 'device' is cuda but no CUDA GPU is visible")
+    dtype = compute_dtype(cfg, device)
     if device == "cuda":
-        bf16 = cfg.quant.compute_dtype == "bfloat16"
-        return Runtime(device, cfg.quant.compute_dtype, cfg.optim, bf16, [], cfg.fsdp or "")
+        return Runtime(device, dtype, cfg.optim, dtype == "bfloat16", [], world, cfg.fsdp or "")
     # Paged optimizers page GPU memory; on CPU the plain torch AdamW is the equivalent.
     optim = "adamw_torch" if cfg.optim.startswith("paged_adamw") else cfg.optim.replace("paged_", "")
     notes = ["float32 compute", "bf16 off"]
@@ -209,7 +213,7 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         notes.append(f"optimizer {optim} instead of {cfg.optim}")
     if cfg.fsdp:  # transformers/accelerate would quietly run DDP anyway: say so and ask for it
         notes.append("no FSDP sharding (it needs GPUs): several CPU ranks run data-parallel (DDP over gloo)")
-    return Runtime("cpu", "float32", optim, False, notes)
+    return Runtime("cpu", dtype, optim, False, notes, world)
 
 
 def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, Any]:
@@ -221,7 +225,7 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=runtime.gradient_accumulation_steps(cfg),
         max_length=cfg.max_length,
         completion_only_loss=not cfg.train_on_inputs,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -251,18 +255,9 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
     return kwargs
 
 
-def quantization_kwargs(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any] | None:
-    """BitsAndBytesConfig arguments for the base model; None for a 16-bit base."""
-    if cfg.quant.bits == 8:
-        return {"load_in_8bit": True}
-    if cfg.quant.bits == 4:
-        from alpaca_lora.model import four_bit_quantization
-
-        kwargs = four_bit_quantization(cfg.quant.quant_type, cfg.quant.double_quant, runtime.compute_dtype)
-        if runtime.fsdp and cfg.quant.quant_storage and cfg.quant.quant_storage != "uint8":
-            kwargs["bnb_4bit_quant_storage"] = cfg.quant.quant_storage  # only FSDP needs the packed dtype
-        return kwargs
-    return None
+def base_quantization(cfg: TrainConfig, runtime: Runtime):
+    """The base's BitsAndBytesConfig for this run (None for a 16-bit base)."""
+    return quantization_config(cfg, runtime.device, sharded=bool(runtime.fsdp))
 
 
 def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -277,20 +272,26 @@ def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def resolved_yaml(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> str:
-    """The whole plan as YAML: our keys, and what they become in SFTConfig, bitsandbytes and peft."""
+def resolved_plan(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict:
+    """The whole plan: our keys, and what they become in SFTConfig, bitsandbytes and peft."""
     plan = {
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "runtime": {"device": runtime.device, "world_size": cfg.world_size, "micro_batch_size": cfg.micro_batch_size,
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "runtime": {"device": runtime.device, "world_size": runtime.world_size,
+                    "micro_batch_size": cfg.micro_batch_size,
+                    "gradient_accumulation_steps": runtime.gradient_accumulation_steps(cfg),
                     "global_batch_size": cfg.batch_size, "adaptations": runtime.notes},
         "sft_config": sft_kwargs(cfg, runtime, has_eval),
-        "quantization": quantization_kwargs(cfg, runtime),
+        "quantization": describe_quantization(base_quantization(cfg, runtime)),
         "lora": lora_kwargs(cfg) if cfg.finetune == "lora" else None,
     }
     if runtime.fsdp:  # auto_wrap wraps the model's own decoder layer class (its _no_split_modules)
-        from alpaca_lora.plan import find_architecture
+        from alpaca_lora.architectures import find_architecture
 
         architecture = find_architecture(cfg.model)
-        plan["runtime"]["fsdp_wrapped_layer"] = architecture.layer_class if architecture else "the model's decoder layer"
-    return OmegaConf.to_yaml(OmegaConf.create(plan))
+        wrapped = architecture.layer_class if architecture else "the model's decoder layer"
+        plan["runtime"]["fsdp_wrapped_layer"] = wrapped
+    return plan
+
+
+def resolved_yaml(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(resolved_plan(cfg, runtime, has_eval)))

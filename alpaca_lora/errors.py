@@ -1,4 +1,4 @@
-"""User-facing errors: one line, no traceback, a non-zero exit."""
+"""User-facing errors, all in one place: one line each, no traceback, a non-zero exit."""
 
 from __future__ import annotations
 
@@ -7,14 +7,43 @@ from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """Bad input from the user: a config key, a data record, a path. Printed as one line."""
+    """Bad input from the user: a config key, a data record, a path. Printed as one line (or one per problem)."""
+
+
+class ConfigError(UserError):
+    """A key of the command line, a recipe or a saved configuration."""
+
+
+class DataError(UserError):
+    """A data file, record or field."""
+
+
+class TemplateError(UserError):
+    """A prompt template file."""
+
+
+class ModelError(UserError):
+    """A model that cannot be found or loaded."""
+
+
+class AdapterError(UserError):
+    """A saved adapter that is empty or learned nothing."""
+
+
+class MergeError(UserError):
+    """A merge that would be wrong or lose the adapter."""
+
+
+class EndpointError(UserError):
+    """An OpenAI-compatible endpoint that refuses every request: authentication, permission or model name."""
 
 
 @contextmanager
 def exit_on_user_error(exit_code: int = 2):
-    """Entry points wrap their work in this so bad input ends with one clear line, not a traceback."""
+    """Entry points wrap their work in this so bad input ends with clear lines, not a traceback."""
     try:
         yield
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         raise SystemExit(exit_code) from None

@@ -1,5 +1,6 @@
-"""What generation, the app and the server share: loading a base model (+ adapter) or a merged
-model with the template it was trained with, explicit decoding settings, and streamed generation."""
+"""What generation, the app, the server and evaluation share: loading a base model (+ adapter) or a
+merged model with the template it was trained with, explicit decoding settings, batched and
+streamed generation."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import yaml
+from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from alpaca_lora.data.examples import encode_prompt
+from alpaca_lora.data.examples import encode_prompt, left_padded_prompts
 from alpaca_lora.data.templates import PromptTemplate, get_template
-from alpaca_lora.errors import UserError
-from alpaca_lora.model import compute_dtype_for, four_bit_quantization, load_model, load_tokenizer, resolve_model
-from alpaca_lora.settings import ConfigError, key
+from alpaca_lora.errors import ConfigError, UserError
+from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+from alpaca_lora.model_args import ModelArguments, compute_dtype, model_checks, resolve_device, saved_model_layer
+from alpaca_lora.settings import Layer, build, check, command_line, key, peek
 
-# Where a training run and a merge record their settings (the template among them).
-TRAINING_CONFIG_NAMES = ("config.yaml", "training_config.yaml")
 DECODING_MODES = ("greedy", "sample", "beam")
 _ONLY_IN = {"temperature": "sample", "top_p": "sample", "top_k": "sample", "num_beams": "beam"}
 
@@ -37,13 +37,11 @@ class Decoding:
     repetition_penalty: Optional[float] = key(None, "penalise repeated tokens (>1), in any mode")
 
     def validate(self) -> None:
-        if self.decoding not in DECODING_MODES:
-            raise ConfigError(f"key 'decoding' must be one of {', '.join(DECODING_MODES)}")
-        for name, mode in _ONLY_IN.items():
-            if getattr(self, name) is not None and self.decoding != mode:
-                raise ConfigError(f"key '{name}' has no effect with decoding={self.decoding}; "
-                                  f"use decoding={mode} or leave {name} unset")
-        checks = [
+        checks = [(self.decoding in DECODING_MODES, "decoding", f"must be one of {', '.join(DECODING_MODES)}")]
+        checks += [(getattr(self, name) is None or self.decoding == mode, name,
+                    f"has no effect with decoding={self.decoding}; use decoding={mode} or leave {name} unset")
+                   for name, mode in _ONLY_IN.items()]
+        checks += [
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
             (self.temperature is None or self.temperature > 0, "temperature", "must be positive"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
@@ -51,9 +49,7 @@ class Decoding:
             (self.num_beams is None or self.num_beams >= 2, "num_beams", "must be at least 2"),
             (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty", "must be positive"),
         ]
-        for ok, name, message in checks:
-            if not ok:
-                raise ConfigError(f"key '{name}' {message}")
+        check(checks)
 
     def generate_kwargs(self) -> dict:
         """Every generation setting spelled out, so a model's generation_config cannot change the mode."""
@@ -69,14 +65,32 @@ class Decoding:
 
 
 @dataclass
-class ModelSettings:
+class InferenceModel(ModelArguments):
+    """The model section for inference: a model, or an adapter on the base it names."""
+
     model: Optional[str] = key(None, "base or merged model: hub id, directory, .gguf (default: the adapter's base)")
-    adapter: Optional[str] = key(None, "LoRA adapter directory written by alpaca_lora.train")
-    bits: Optional[int] = key(None, "load the base in 4, 8 or 16 bits (default: as the adapter was trained; 16)")
-    template: Optional[str] = key(None, "prompt template (default: the one the model was trained with)")
-    device: str = key("auto", "auto, cuda or cpu")
-    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
+    adapter: Optional[str] = key(None, "LoRA adapter directory written by training")
     seed: int = key(0, "random seed for sampling")
+
+
+# Without a saved configuration saying otherwise, a model is loaded as it is stored: in 16 bits.
+_UNQUANTIZED = Layer("inference default", {"quant": {"bits": 16}})
+
+
+def load_inference_settings(schema: type, argv: list[str], tool: str):
+    """Settings whose model section starts from what the adapter (or merged model) was trained with:
+    built-in defaults <- 16 bits <- the saved model section <- the command line."""
+    adapter, model = peek(argv, "adapter"), peek(argv, "model")
+    directory = adapter or model
+    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
+    settings = build(schema, [_UNQUANTIZED, *([saved] if saved else []), command_line(argv, schema)], tool)
+    check(model_checks(settings))
+    return settings
+
+
+def inference_settings(schema: type = InferenceModel, **values):
+    """Settings built exactly as the command line builds them, from Python (``adapter=DIR``, ...)."""
+    return load_inference_settings(schema, [f"{name}={value}" for name, value in values.items()], "generate")
 
 
 @dataclass
@@ -95,46 +109,18 @@ class LoadedModel:
         return encode_prompt(self.tokenizer, prompt)
 
 
-def training_config(directory: str | None) -> dict:
-    """The ``config`` section a training run (or a merge) saved beside its weights, or {}."""
-    if not directory:
-        return {}
-    for name in TRAINING_CONFIG_NAMES:
-        path = Path(directory) / name
-        if path.is_file():
-            return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("config", {})
-    return {}
-
-
-def trained_quantization(trained: dict, bits: int, compute_dtype: str) -> dict | None:
-    """BitsAndBytesConfig arguments for a base in ``bits``, with the 4-bit settings training used."""
-    if bits == 8:
-        return {"load_in_8bit": True}
-    if bits != 4:
-        return None
-    quant = trained.get("quant", {})
-    return four_bit_quantization(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute_dtype)
-
-
-def load_for_inference(settings: ModelSettings) -> LoadedModel:
+def load_for_inference(settings: InferenceModel) -> LoadedModel:
     """Base (+ adapter) or merged model, on the chosen device, in eval mode, with its template."""
     if settings.adapter and not (Path(settings.adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter '{settings.adapter}': no adapter_config.json there (a directory written by training)")
-    trained = training_config(settings.adapter) or training_config(settings.model)
-    model_spec = settings.model or trained.get("model")
-    if not model_spec:
-        raise ConfigError("key 'model' must be set (or adapter= a directory whose config.yaml names its base)")
-    if settings.bits not in (None, 4, 8, 16):
-        raise ConfigError("key 'bits' must be 4, 8 or 16")
-    template = get_template(settings.template or trained.get("template") or "alpaca")
-    bits = settings.bits or (trained.get("quant", {}).get("bits", 16) if settings.adapter else 16)
-    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = compute_dtype_for(device)
-    quantization = trained_quantization(trained, bits, compute_dtype)
-    path = resolve_model(model_spec)
+    if not settings.model:
+        raise ConfigError("key 'model' must be set (or adapter= a directory whose training_config.yaml names its base)")
+    template = get_template(settings.template)
+    device = resolve_device(settings.device)
+    path = resolve_model(settings.model)
     tokenizer = load_tokenizer(settings.adapter or path, settings.trust_remote_code)
-    model = load_model(path, quantization, compute_dtype, device, settings.trust_remote_code)
-    if device == "cuda" and not quantization:
+    model = load_model(path, settings, device)
+    if device == "cuda" and settings.quant.bits == 16:
         model.to("cuda")
     if settings.adapter:
         from peft import PeftModel
@@ -142,10 +128,30 @@ def load_for_inference(settings: ModelSettings) -> LoadedModel:
         model = PeftModel.from_pretrained(model, settings.adapter)
     model.eval()
     torch.manual_seed(settings.seed)
-    parts = [f"{model_spec} ({f'{bits}-bit' if quantization else compute_dtype})"] + ([f"adapter {settings.adapter}"] if settings.adapter else [])
+    bits = settings.quant.bits
+    parts = [f"{settings.model} ({f'{bits}-bit' if bits != 16 else compute_dtype(settings, device)})"]
+    parts += [f"adapter {settings.adapter}"] if settings.adapter else []
     description = " + ".join(parts) + f", template {template.name}, {device}"
-    name = Path(settings.adapter or model_spec).name
+    name = Path(settings.adapter or settings.model).name
     return LoadedModel(model, tokenizer, template, name, description)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+                   progress: str | None = None, **generation_kwargs) -> list[str]:
+    """Responses to ``prompts`` in left-padded batches; greedy unless ``generation_kwargs`` say otherwise."""
+    was_training = model.training
+    model.eval()
+    generation_kwargs.setdefault("do_sample", False)
+    responses = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
+        inputs = left_padded_prompts(tokenizer, prompts[start:start + batch_size]).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **generation_kwargs)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        responses += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    model.train(was_training)
+    return responses
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -177,7 +183,8 @@ class Generation:
         tokenizer = self.loaded.tokenizer
         ids = torch.tensor([self.prompt_ids], device=self.loaded.model.device)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancel)]),
+                      eos_token_id=tokenizer.eos_token_id,
+                      stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancel)]),
                       **self.decoding.generate_kwargs())
         if self.stop_strings:
             kwargs.update(stop_strings=self.stop_strings, tokenizer=tokenizer)

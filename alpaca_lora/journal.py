@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError
+from alpaca_lora.errors import DataError
+from alpaca_lora.jsonfiles import parse_json_lines
 
 
 class Journal:
@@ -23,12 +24,8 @@ class Journal:
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         entries = []
-        for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{self.path}: line {number}: not valid JSON ({exc.msg}); "
-                                "the journal was edited or is not ours") from None
+        lines = parse_json_lines(complete.decode("utf-8"), str(self.path), "; the journal was edited or is not ours")
+        for number, entry in lines:
             if not isinstance(entry, dict) or self.required not in entry:
                 raise DataError(f"{self.path}: line {number}: field '{self.required}' is missing; "
                                 "not a file this command wrote")
@@ -44,3 +41,16 @@ class Journal:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def check_record(self, number: int, index, instruction: str | None, records: list[dict], source: str) -> int:
+        """The index of the input record a journal line is about, checked: a changed input file must
+        not be resumed as if it were the one the journal was written for."""
+        if not isinstance(index, int) or not 0 <= index < len(records) or records[index]["instruction"] != instruction:
+            raise DataError(f"{self.path}: line {number}: record [{index}] is not the one in {source}; "
+                            "was the input changed? use another output file")
+        return index
+
+    def done_indices(self, records: list[dict], source: str) -> set[int]:
+        """The input records already answered (lines with ``index`` and ``instruction``), checked."""
+        return {self.check_record(number, entry["index"], entry.get("instruction"), records, source)
+                for number, entry in enumerate(self.read(), start=1)}

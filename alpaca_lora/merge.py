@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base: ``python -m alpaca_lora.merge adapter=DIR output=DIR [key=value ...]``
+"""Merge a LoRA adapter into its base: ``alpaca-lora merge adapter=DIR output=DIR [key=value ...]``
 
 The base is loaded in 16-bit (or 32-bit), never 4- or 8-bit: peft merging into a quantized base
 rounds the update away, the classic way a merged QLoRA model silently loses its adapter. With
@@ -11,23 +11,32 @@ reported in ``merge_report.json``, and the directory appears atomically.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from omegaconf import MISSING
 
-from alpaca_lora.errors import UserError, exit_on_user_error
-from alpaca_lora.inference import TRAINING_CONFIG_NAMES, trained_quantization, training_config
-from alpaca_lora.model import DTYPES, compute_dtype_for, load_model, load_tokenizer, resolve_model
+from alpaca_lora.data.examples import left_padded_prompts
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
+from alpaca_lora.errors import ConfigError, MergeError
+from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
+from alpaca_lora.model_args import (
+    SAVED_CONFIG,
+    ModelArguments,
+    model_checks,
+    quantization_config,
+    saved_config,
+    saved_config_path,
+    saved_model_layer,
+)
+from alpaca_lora.paths import atomic_directory
+from alpaca_lora.settings import build, check, command_line, entry_point, help_text, key, peek
 
-TOOL = "alpaca_lora.merge"
+TOOL = "merge"
 PROBES = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!"),
           ("What is the capital of France?", "")]
 # Largest |merged - (base+adapter)| logit difference accepted, relative to the largest |logit|.
@@ -38,60 +47,60 @@ RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
 NF4_CONSISTENCY = 0.1
 
 
-class MergeError(UserError):
-    pass
-
-
 @dataclass
-class MergeConfig:
-    adapter: str = key(MISSING, "adapter directory written by alpaca_lora.train")
+class MergeConfig(ModelArguments):
+    model: Optional[str] = key(None, "base model (default: the one the adapter was trained on)")
+    device: str = key("cpu", "cpu or cuda (the merge needs the 16-bit model in that device's memory)")
+    adapter: str = key(MISSING, "adapter directory written by training")
     output: str = key(MISSING, "directory for the merged model (must not exist unless overwrite=true)")
-    base: Optional[str] = key(None, "base model (default: the one the adapter was trained on)")
     dequantize: bool = key(False, "merge into the NF4-dequantized base QLoRA trained on, not the original 16-bit one")
     dtype: str = key("auto", "dtype of the merged weights: auto (the base's own), bfloat16, float16 or float32")
     max_shard_size: str = key("5GB", "largest safetensors shard")
     overwrite: bool = key(False, "replace an existing output directory")
-    tolerance: Optional[float] = key(None, "relative logit difference allowed (default: 1e-4 fp32, 5e-2 bf16, 2e-2 fp16)")
-    device: str = key("cpu", "cpu or cuda (the merge needs the 16-bit model in that device's memory)")
-    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
+    tolerance: Optional[float] = key(None, "relative logit difference allowed "
+                                           "(default: 1e-4 fp32, 5e-2 bf16, 2e-2 fp16)")
 
 
-def load_merge_config(overrides: list[str]) -> MergeConfig:
-    cfg: MergeConfig = build(MergeConfig, [("command line", parse_overrides(overrides))], TOOL)
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ConfigError(f"key 'dtype' must be auto or one of {', '.join(DTYPES)}")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ConfigError("key 'device' must be cpu or cuda")
-    if not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"key 'adapter': {cfg.adapter} has no adapter_config.json (a directory written by training)")
-    if Path(cfg.output).exists() and not cfg.overwrite:
-        raise ConfigError(f"key 'output': {cfg.output} exists; choose another directory or set overwrite=true")
+def load_merge_config(argv: list[str]) -> MergeConfig:
+    """Built-in defaults <- the adapter's saved model section (its base, bits, template) <- the command line."""
+    adapter = peek(argv, "adapter")
+    saved = saved_model_layer(adapter) if adapter and Path(adapter).is_dir() else None
+    cfg: MergeConfig = build(MergeConfig, [*([saved] if saved else []), command_line(argv, MergeConfig)], TOOL)
+    check(model_checks(cfg) + [
+        (cfg.dtype == "auto" or cfg.dtype in DTYPES, "dtype", f"must be auto or one of {', '.join(DTYPES)}"),
+        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
+        ((Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
+         f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
+        (not Path(cfg.output).exists() or cfg.overwrite, "output",
+         f": {cfg.output} exists; choose another directory or set overwrite=true"),
+    ])
+    if not cfg.model:
+        adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+        cfg.model = adapter_config.get("base_model_name_or_path")
+    if not cfg.model:
+        raise ConfigError("key 'model' must be set: the adapter does not name its base model")
     return cfg
 
 
 def merge(cfg: MergeConfig) -> dict:
     from peft import PeftModel
 
-    trained = training_config(cfg.adapter)
-    adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
-    base_spec = cfg.base or trained.get("model") or adapter_config.get("base_model_name_or_path")
-    if not base_spec:
-        raise ConfigError("key 'base' must be set: the adapter does not name its base model")
-    template = get_template(trained.get("template") or "alpaca")
-    path = resolve_model(base_spec)
+    trained_bits = saved_config(cfg.adapter).get("quant", {}).get("bits")
+    template = get_template(cfg.template)
+    path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg.adapter, cfg.trust_remote_code)
     dtype = _merge_dtype(cfg.dtype, path)
-    probes = _probe_batch(tokenizer, template)
+    probes = left_padded_prompts(tokenizer, [template.format(instruction, text) for instruction, text in PROBES])
 
-    base = load_model(path, None, "float32" if cfg.dequantize else _dtype_name(dtype), cfg.device,
-                      cfg.trust_remote_code).to(cfg.device)
-    trained_bits = trained.get("quant", {}).get("bits")
-    nf4 = trained_quantization(trained, 4, compute_dtype_for(cfg.device))
+    sixteen_bit = replace(cfg, quant=replace(cfg.quant, bits=16))
+    base = load_model(path, sixteen_bit, cfg.device, dtype="float32" if cfg.dequantize else _dtype_name(dtype))
+    base.to(cfg.device)
+    four_bit = replace(cfg, quant=replace(cfg.quant, bits=4))
     if cfg.dequantize:
         if trained_bits not in (None, 4):
             raise MergeError(f"dequantize=true needs a 4-bit (QLoRA) adapter; {cfg.adapter} was trained with "
                              f"{trained_bits}-bit weights")
-        _round_trip_through_nf4(base, nf4["bnb_4bit_quant_type"], nf4["bnb_4bit_use_double_quant"])
+        _round_trip_through_nf4(base, quantization_config(four_bit, cfg.device))
         base.to(dtype)
     model = PeftModel.from_pretrained(base, cfg.adapter)
     base_logits, adapted_logits = _logits(model, probes, with_adapter=False), _logits(model, probes)
@@ -108,7 +117,7 @@ def merge(cfg: MergeConfig) -> dict:
     merged_effect = (merged_logits - base_logits).abs().max().item()
     tolerance = cfg.tolerance if cfg.tolerance is not None else RELATIVE_TOLERANCE[_dtype_name(dtype)]
     report = {
-        "adapter": str(cfg.adapter), "base": base_spec, "dequantized_nf4_base": cfg.dequantize,
+        "adapter": str(cfg.adapter), "base": cfg.model, "dequantized_nf4_base": cfg.dequantize,
         "adapter_trained_bits": trained_bits,
         "dtype": _dtype_name(dtype), "template": template.name, "probe_prompts": len(PROBES),
         "max_logit_difference_merged_vs_adapter": difference,
@@ -117,9 +126,10 @@ def merge(cfg: MergeConfig) -> dict:
         "lora_weights_checked": len(watched), "lora_weights_changed": int(changed),
     }
     if cfg.dequantize:  # the same adapter on the 4-bit model it was trained on, as bitsandbytes computes it
-        report["relative_difference_vs_4bit_model"] = _vs_4bit_model(path, cfg, nf4, probes, adapted_logits) / scale
+        report["relative_difference_vs_4bit_model"] = _vs_4bit_model(path, four_bit, probes, adapted_logits) / scale
         if report["relative_difference_vs_4bit_model"] > NF4_CONSISTENCY:
-            raise MergeError(f"the dequantized base does not reproduce the 4-bit model ({report['relative_difference_vs_4bit_model']:.2e} "
+            raise MergeError("the dequantized base does not reproduce the 4-bit model "
+                             f"({report['relative_difference_vs_4bit_model']:.2e} "
                              f"relative > {NF4_CONSISTENCY}); nothing was written")
     if difference / scale > tolerance:
         raise MergeError(f"the merged model's logits differ from base+adapter by {difference:.4g} "
@@ -131,7 +141,7 @@ def merge(cfg: MergeConfig) -> dict:
     return report
 
 
-def _round_trip_through_nf4(model, quant_type: str, double_quant: bool) -> None:
+def _round_trip_through_nf4(model, nf4) -> None:
     """Replaces each weight that 4-bit loading quantizes (every linear layer but the output head) by
     its 4-bit values, quantized and dequantized with bitsandbytes exactly as loading does.
 
@@ -142,15 +152,15 @@ def _round_trip_through_nf4(model, quant_type: str, double_quant: bool) -> None:
     head = model.get_output_embeddings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
-            packed, state = bnbf.quantize_4bit(module.weight.data.float(), quant_type=quant_type,
-                                               compress_statistics=double_quant)
+            packed, state = bnbf.quantize_4bit(module.weight.data.float(), quant_type=nf4.bnb_4bit_quant_type,
+                                               compress_statistics=nf4.bnb_4bit_use_double_quant)
             module.weight.data = bnbf.dequantize_4bit(packed, state).to(module.weight.dtype)
 
 
-def _vs_4bit_model(path: str, cfg: MergeConfig, nf4: dict, probes: dict, adapted: torch.Tensor) -> float:
+def _vs_4bit_model(path: str, cfg: MergeConfig, probes: dict, adapted: torch.Tensor) -> float:
     from peft import PeftModel
 
-    quantized = load_model(path, nf4, nf4["bnb_4bit_compute_dtype"], cfg.device, cfg.trust_remote_code)
+    quantized = load_model(path, cfg, cfg.device)
     reference = _logits(PeftModel.from_pretrained(quantized, cfg.adapter), probes)
     return (reference - adapted).abs().max().item()
 
@@ -167,13 +177,6 @@ def _merge_dtype(name: str, path: str) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-def _probe_batch(tokenizer, template) -> dict:
-    from alpaca_lora.data.examples import encode_prompt
-
-    ids = [encode_prompt(tokenizer, template.format(instruction, text)) for instruction, text in PROBES]
-    return tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt")
 
 
 @torch.no_grad()
@@ -200,44 +203,36 @@ def _weight(merged, peft_name: str) -> torch.Tensor:
 
 
 def _save(merged, tokenizer, cfg: MergeConfig, report: dict) -> None:
-    output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by a merge that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
+    """The merged model, its tokenizer, the adapter's training configuration (now describing a 16-bit
+    model) and the report, in a directory that appears in one piece."""
+    saved = yaml.safe_load(saved_config_path(cfg.adapter).read_text(encoding="utf-8")) if \
+        saved_config_path(cfg.adapter) else {"config": {"template": cfg.template}}
+    saved["config"]["quant"] = {**saved["config"].get("quant", {}), "bits": 16}
+    saved["merged"] = {"adapter": str(cfg.adapter), "base": cfg.model, "dequantized_nf4_base": cfg.dequantize}
+    with atomic_directory(cfg.output, replace=cfg.overwrite) as tmp:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)
-        for name in TRAINING_CONFIG_NAMES:
-            if (Path(cfg.adapter) / name).is_file():  # the template and settings it was trained with
-                shutil.copy(Path(cfg.adapter) / name, tmp / "training_config.yaml")
-                break
+        (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def run(cfg: MergeConfig) -> int:
+    report = merge(cfg)
+    print(f"merged {cfg.adapter} into {report['base']} ({report['dtype']}"
+          f"{', NF4-dequantized' if cfg.dequantize else ''}) -> {cfg.output}")
+    print(f"verified on {report['probe_prompts']} prompts: merged vs base+adapter max logit difference "
+          f"{report['max_logit_difference_merged_vs_adapter']:.3g} (relative {report['relative_difference']:.1e}, "
+          f"tolerance {report['tolerance']:g}); the adapter moves logits by "
+          f"{report['max_logit_difference_adapter_vs_base']:.3g}; report: {Path(cfg.output) / 'merge_report.json'}")
+    if report["adapter_trained_bits"] == 4 and not cfg.dequantize:
+        print("note: this adapter was trained on a 4-bit base; dequantize=true merges it into the NF4 weights "
+              "it saw, which reproduces base+adapter as trained (see the README)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, TOOL, "adapter=DIR output=DIR [key=value ...]", MergeConfig):
-        return 0
-    with exit_on_user_error():
-        cfg = load_merge_config(argv)
-        report = merge(cfg)
-        print(f"merged {cfg.adapter} into {report['base']} ({report['dtype']}"
-              f"{', NF4-dequantized' if cfg.dequantize else ''}) -> {cfg.output}")
-        print(f"verified on {report['probe_prompts']} prompts: merged vs base+adapter max logit difference "
-              f"{report['max_logit_difference_merged_vs_adapter']:.3g} (relative {report['relative_difference']:.1e}, "
-              f"tolerance {report['tolerance']:g}); the adapter moves logits by "
-              f"{report['max_logit_difference_adapter_vs_base']:.3g}; report: {Path(cfg.output) / 'merge_report.json'}")
-        if report["adapter_trained_bits"] == 4 and not cfg.dequantize:
-            print("note: this adapter was trained on a 4-bit base; dequantize=true merges it into the NF4 weights "
-                  "it saw, which reproduces base+adapter as trained (see the README)")
-    return 0
+    return entry_point(argv, lambda: help_text(TOOL, "adapter=DIR output=DIR [key=value ...]", MergeConfig),
+                       load_merge_config, run) or 0
 
 
 if __name__ == "__main__":

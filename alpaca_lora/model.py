@@ -1,4 +1,4 @@
-"""Finding and loading the base model: a hub id, a local directory, or a GGUF file.
+"""Finding and loading a model: a hub id, a local directory, or a GGUF file.
 
 A GGUF file (also one shipped inside an installed Python package, ``package:MODULE/FILE.gguf``)
 is converted once into a standard Hugging Face directory in the cache, keyed by the file's hash,
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alpaca_lora.errors import UserError
-from alpaca_lora.paths import cache_dir
+from alpaca_lora.errors import ModelError
+from alpaca_lora.logs import get_logger
+from alpaca_lora.model_args import ModelArguments, compute_dtype, quantization_config
+from alpaca_lora.paths import atomic_directory, cache_dir
 
-
-class ModelError(UserError):
-    pass
+logger = get_logger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_model(spec: str) -> str:
@@ -59,7 +58,7 @@ def convert_gguf(path: Path) -> Path:
     target = cache_dir("gguf") / f"{path.stem}-{_sha256(path)[:16]}"
     if (target / "config.json").is_file():
         return target
-    print(f"converting {path.name} to a Hugging Face model directory (once) in {target}", flush=True)
+    logger.info(f"converting {path.name} to a Hugging Face model directory (once) in {target}")
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -68,14 +67,9 @@ def convert_gguf(path: Path) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -90,18 +84,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+def load_model(path: str, args: ModelArguments, device: str, dtype: str | None = None, sharded: bool = False):
+    """The base as the model section says: quantized through bitsandbytes (4 or 8 bits) or in ``dtype``
+    (default: the section's compute dtype on this device).
 
-
-def compute_dtype_for(device: str) -> str:
-    """bf16 on a GPU; float32 on CPU, where bf16 matmuls are about 2x slower."""
-    return "bfloat16" if device == "cuda" else "float32"
-
-
-def four_bit_quantization(quant_type: str, double_quant: bool, compute_dtype: str) -> dict:
-    """BitsAndBytesConfig arguments of a QLoRA base: the one place they are spelled out."""
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
-            "bnb_4bit_compute_dtype": compute_dtype}
+    ``sharded`` (FSDP) leaves placement to FSDP; otherwise each process loads onto its own GPU.
+    """
+    quantization = quantization_config(args, device, sharded)
+    kwargs = {"dtype": DTYPES[dtype or compute_dtype(args, device)], "trust_remote_code": args.trust_remote_code}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if device == "cuda" and not sharded:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif quantization is not None and device == "cpu":
+        kwargs["device_map"] = {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def train_adapters_in_float32(model) -> None:
@@ -110,23 +107,3 @@ def train_adapters_in_float32(model) -> None:
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
-
-
-def load_model(path: str, quantization: dict | None, compute_dtype: str, device: str, trust_remote_code: bool = False,
-               sharded: bool = False):
-    """The base: quantized through bitsandbytes when ``quantization`` is given, else in ``compute_dtype``.
-
-    ``sharded`` (FSDP) leaves placement to FSDP; otherwise each process loads onto its own GPU.
-    """
-    dtype = DTYPES[compute_dtype]
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if quantization:
-        kwargs["quantization_config"] = BitsAndBytesConfig(**{
-            k: DTYPES.get(v, v) if k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage") else v
-            for k, v in quantization.items()
-        })
-    if device == "cuda" and not sharded:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    elif quantization and device == "cpu":
-        kwargs["device_map"] = {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

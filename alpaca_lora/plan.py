@@ -1,4 +1,4 @@
-"""Will it fit? ``python -m alpaca_lora.plan recipe=NAME model=NAME_OR_DIR [gpus=N] [gpu_memory=24GB] [key=value ...]``
+"""Will it fit? ``alpaca-lora plan recipe=NAME model=NAME_OR_DIR [gpus=N] [gpu_memory=24GB] [key=value ...]``
 
 Peak GPU memory per device, estimated from the model's shape alone (a local config.json, or a
 built-in table of common architectures), before any weights load: weights at their storage
@@ -10,12 +10,17 @@ it predicts out-of-memory (``force=true`` to go on).
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from alpaca_lora.architectures import ARCHITECTURES, Architecture, find_architecture
+from alpaca_lora.config import TrainConfig, load_config
+from alpaca_lora.errors import ConfigError
+from alpaca_lora.logs import get_logger
+from alpaca_lora.settings import entry_point, key, key_lines
+
+logger = get_logger(__name__)
 GIB = 1024**3
 OVERHEAD_BYTES = int(0.5 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size; an fp32 absmax per block
@@ -23,83 +28,32 @@ DOUBLE_QUANT_BLOCK = 256  # double quantization: 8-bit absmax, an fp32 constant 
 
 
 @dataclass(frozen=True)
-class Architecture:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool = False
-    layer_class: str = "LlamaDecoderLayer"
-
-
-_LLAMA1 = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40), "30b": (6656, 17920, 60, 52),
-           "33b": (6656, 17920, 60, 52), "65b": (8192, 22016, 80, 64)}
-ARCHITECTURES: dict[str, Architecture] = {
-    **{f"llama-{size}": Architecture(h, i, n, a, a, 32000) for size, (h, i, n, a) in _LLAMA1.items()},
-    "llama-2-7b": Architecture(4096, 11008, 32, 32, 32, 32000),
-    "llama-2-13b": Architecture(5120, 13824, 40, 40, 40, 32000),
-    "llama-2-70b": Architecture(8192, 28672, 80, 64, 8, 32000),
-    "llama-3-8b": Architecture(4096, 14336, 32, 32, 8, 128256),
-    "llama-3-70b": Architecture(8192, 28672, 80, 64, 8, 128256),
-    "llama-3.1-8b": Architecture(4096, 14336, 32, 32, 8, 128256),
-    "llama-3.1-70b": Architecture(8192, 28672, 80, 64, 8, 128256),
-    "mistral-7b": Architecture(4096, 14336, 32, 32, 8, 32000, layer_class="MistralDecoderLayer"),
-    **{f"qwen2.5-{size}": Architecture(h, i, n, a, kv, v, tied, "Qwen2DecoderLayer") for size, (h, i, n, a, kv, v, tied) in {
-        "0.5b": (896, 4864, 24, 14, 2, 151936, True), "1.5b": (1536, 8960, 28, 12, 2, 151936, True),
-        "3b": (2048, 11008, 36, 16, 2, 151936, True), "7b": (3584, 18944, 28, 28, 4, 152064, False),
-        "14b": (5120, 13824, 48, 40, 8, 152064, False), "32b": (5120, 27648, 64, 40, 8, 152064, False),
-        "72b": (8192, 29568, 80, 64, 8, 152064, False)}.items()},
-    "smollm2-135m": Architecture(576, 1536, 30, 9, 3, 49152, True),
-    "smollm2-360m": Architecture(960, 2560, 32, 15, 5, 49152, True),
-    "smollm2-1.7b": Architecture(2048, 8192, 24, 32, 32, 49152, True),
-}
-
-
-def find_architecture(model: str) -> Architecture | None:
-    """From a local config.json (file or directory), else the table by name: ``llama-2-7b``,
-    ``meta-llama/Llama-2-7b-hf``, ``huggyllama/llama-7b``, ``Qwen/Qwen2.5-7B-Instruct`` ..."""
-    path = Path(model).expanduser()
-    config = path / "config.json" if path.is_dir() else path
-    if config.is_file() and config.suffix == ".json":
-        c = json.loads(config.read_text())
-        heads = c["num_attention_heads"]
-        return Architecture(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
-                            c.get("num_key_value_heads") or heads, c["vocab_size"], bool(c.get("tie_word_embeddings")),
-                            f"{(c.get('architectures') or ['LlamaForCausalLM'])[0].removesuffix('ForCausalLM')}DecoderLayer")
-    name = model.rsplit("/", 1)[-1].lower().replace("meta-llama-", "llama-").replace("_", "-")
-    name = re.sub(r"-(hf|instruct|chat|base|v0\.\d|v\d)$", "", re.sub(r"-(hf|instruct|chat)(-hf)?$", "", name))
-    return ARCHITECTURES.get(name) or next(
-        (arch for key, arch in sorted(ARCHITECTURES.items(), key=lambda kv: -len(kv[0])) if name.startswith(key + "-")), None)
-
-
-@dataclass(frozen=True)
 class Setup:
-    """What the plan needs to know about a run; the training config maps onto it (``from_config``)."""
+    """What the plan needs to know about a run, in the planner's terms. It has no defaults of its own:
+    a run's setup comes from its :class:`TrainConfig` (``from_config``), whose defaults are the recipes'."""
 
-    finetune: str = "lora"            # lora or full
-    bits: int = 4                     # storage of the frozen base: 4, 8 or 16
-    double_quant: bool = True
-    weight_bytes: int = 2             # bytes per parameter of 16-bit weights (4: fp32 master weights)
-    lora_r: int = 64
-    lora_targets: tuple = ("all-linear",)
-    lora_dropout: float = 0.0
-    adapter_bytes: int = 4            # LoRA weights, and their gradients, in fp32
-    optimizer: str = "adamw"          # adamw (32-bit states), adamw_8bit, sgd
-    micro_batch: int = 4
-    seq_len: int = 512
-    checkpointing: bool = True
+    finetune: str                     # lora or full
+    bits: int                         # storage of the frozen base: 4, 8 or 16
+    double_quant: bool
+    weight_bytes: int                 # bytes per parameter of 16-bit weights (4: fp32 master weights)
+    lora_r: int
+    lora_targets: tuple
+    lora_dropout: float
+    adapter_bytes: int                # LoRA weights, and their gradients
+    optimizer: str                    # adamw (32-bit states), adamw_8bit, sgd
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool
+    gpus: int
+    fsdp: bool
     loss: str = "full"                # full: fp32 logits for every position; chunked: bf16 logits, fp32 per chunk
-    gpus: int = 1
-    fsdp: bool = False
 
     @classmethod
-    def from_config(cls, cfg, gpus: int) -> Setup:
+    def from_config(cls, cfg: TrainConfig, gpus: int) -> Setup:
         optim = cfg.optim.lower()
         return cls(finetune=cfg.finetune, bits=cfg.quant.bits, double_quant=cfg.quant.double_quant,
                    weight_bytes=4 if cfg.finetune == "full" else 2, lora_r=cfg.lora.r,
-                   lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
+                   lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout, adapter_bytes=4,
                    optimizer="adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
                    micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length,
                    checkpointing=cfg.gradient_checkpointing, gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1)
@@ -135,13 +89,15 @@ def estimate(a: Architecture, s: Setup) -> Plan:
     parameters = linear + embeddings + norms
     shard = s.gpus if s.fsdp else 1
 
+    dense_label = f"weights: {(embeddings + norms) / 1e9:.2f}B embeddings and norms in 16-bit"
     if s.bits == 4:
         constants = 4 / NF4_BLOCK if not s.double_quant else 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)
         frozen = [(f"weights: {linear / 1e9:.2f}B in 4-bit NF4 + quantization constants", linear * (0.5 + constants)),
-                  (f"weights: {(embeddings + norms) / 1e9:.2f}B embeddings and norms in 16-bit", (embeddings + norms) * 2)]
+                  (dense_label, (embeddings + norms) * 2)]
     elif s.bits == 8:
-        frozen = [(f"weights: {linear / 1e9:.2f}B in 8-bit + row scales", linear * 1.0 + a.layers * sum(o for _, o in shapes.values()) * 4),
-                  (f"weights: {(embeddings + norms) / 1e9:.2f}B embeddings and norms in 16-bit", (embeddings + norms) * 2)]
+        row_scales = a.layers * sum(o for _, o in shapes.values()) * 4
+        frozen = [(f"weights: {linear / 1e9:.2f}B in 8-bit + row scales", linear * 1.0 + row_scales),
+                  (dense_label, (embeddings + norms) * 2)]
     else:
         frozen = [(f"weights: {parameters / 1e9:.2f}B in {8 * s.weight_bytes}-bit", parameters * s.weight_bytes)]
 
@@ -217,38 +173,62 @@ def report(model: str, a: Architecture, s: Setup, budget: float, recipe: str = "
 def parse_memory(text: str) -> float:
     match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB)?\s*", str(text), flags=re.IGNORECASE)
     if not match:
-        from alpaca_lora.settings import ConfigError
-
         raise ConfigError(f"key 'gpu_memory': {text!r} is not a size such as 24GB or 80GiB")
     # GPU makers' "24 GB" and "80 GB" are 24 and 80 GiB, so GB counts in GiB here.
     number, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
     return number * (GIB if unit in ("gib", "gb", "g") else 1024**2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from alpaca_lora.config import load_config
-    from alpaca_lora.errors import exit_on_user_error
-    from alpaca_lora.settings import ConfigError
+def check_memory(cfg: TrainConfig, world_size: int, gpu_bytes: float) -> None:
+    """Stops before any weight loads when the plan predicts out-of-memory (``force=true`` overrides)."""
+    architecture = find_architecture(cfg.model)
+    if architecture is None:
+        logger.info(f"memory plan skipped: no config for {cfg.model} and not a built-in architecture")
+        return
+    text, fits = report(cfg.model, architecture, Setup.from_config(cfg, world_size), gpu_bytes, cfg.recipe)
+    if fits:
+        return
+    if cfg.force:
+        logger.warning("the memory plan predicts out-of-memory; going on because force=true\n" + text)
+        return
+    print(text, file=sys.stderr)
+    raise ConfigError("the memory plan above predicts out-of-memory on this GPU: lower micro_batch_size or "
+                      "max_length, turn on gradient_checkpointing, use more GPUs, or set force=true")
 
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(__doc__.strip())
-        print(f"\nbuilt-in architectures: {', '.join(ARCHITECTURES)}")
-        return 0
-    with exit_on_user_error():
-        own = {k: v for k, v in (item.split("=", 1) for item in argv if item.startswith(("gpus=", "gpu_memory=")))}
-        cfg = load_config([item for item in argv if not item.startswith(("gpus=", "gpu_memory="))])
-        gpus = int(own.get("gpus", 1))
-        if gpus < 1:
-            raise ConfigError("key 'gpus' must be at least 1")
-        budget = parse_memory(own.get("gpu_memory", "24GB"))
-        architecture = find_architecture(cfg.model)
-        if architecture is None:
-            raise ConfigError(f"key 'model': no config.json at {cfg.model} and not a built-in architecture "
-                              f"({', '.join(ARCHITECTURES)})")
-        text, fits = report(cfg.model, architecture, Setup.from_config(cfg, gpus), budget, cfg.recipe)
-        print(text)
+
+@dataclass
+class PlanConfig(TrainConfig):
+    gpus: int = key(1, "GPUs the run will have")
+    gpu_memory: str = key("24GB", "memory per GPU, e.g. 24GB or 80GiB (GB counts as GPU makers count: GiB)")
+
+
+def help_text() -> str:
+    usage = "usage: alpaca-lora plan [recipe=NAME] model=NAME_OR_DIR [gpus=N] [gpu_memory=24GB] [key=value ...]"
+    return "\n".join([usage,
+                      __doc__.strip().split("\n\n", 1)[1], f"built-in architectures: {', '.join(ARCHITECTURES)}",
+                      "keys (the training keys, plus gpus and gpu_memory):"] + key_lines(PlanConfig))
+
+
+def load_plan_config(argv: list[str]) -> PlanConfig:
+    cfg = load_config(argv, PlanConfig)
+    if cfg.gpus < 1:
+        raise ConfigError("key 'gpus' must be at least 1")
+    parse_memory(cfg.gpu_memory)
+    if find_architecture(cfg.model) is None:
+        raise ConfigError(f"key 'model': no config.json at {cfg.model} and not a built-in architecture "
+                          f"({', '.join(ARCHITECTURES)})")
+    return cfg
+
+
+def run(cfg: PlanConfig) -> int:
+    text, fits = report(cfg.model, find_architecture(cfg.model), Setup.from_config(cfg, cfg.gpus),
+                        parse_memory(cfg.gpu_memory), cfg.recipe)
+    print(text)
     return 0 if fits else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry_point(argv, help_text, load_plan_config, run) or 0
 
 
 if __name__ == "__main__":

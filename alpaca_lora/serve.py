@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API for a fine-tuned model:
-``python -m alpaca_lora.serve [adapter=DIR] [model=DIR] [port=8000] [api_key_env=NAME]``
+``alpaca-lora serve [adapter=DIR] [model=DIR] [port=8000] [api_key_env=NAME]``
 
 ``/v1/chat/completions`` wraps the conversation in the training template: the last message (from
 the user) is the instruction; system messages and earlier turns become the template's input, as a
@@ -23,19 +23,27 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from alpaca_lora.errors import exit_on_user_error
-from alpaca_lora.inference import Decoding, Generation, LoadedModel, ModelSettings, load_for_inference
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
+from alpaca_lora.errors import ConfigError
+from alpaca_lora.inference import (
+    Decoding,
+    Generation,
+    InferenceModel,
+    LoadedModel,
+    load_for_inference,
+    load_inference_settings,
+)
+from alpaca_lora.settings import entry_point, help_text, key
 
-TOOL = "alpaca_lora.serve"
+TOOL = "serve"
 
 
 @dataclass
-class ServeConfig(ModelSettings):
+class ServeConfig(InferenceModel):
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the server to the network)")
     port: int = key(8000, "port")
     api_key_env: Optional[str] = key(None, "name of an environment variable holding the key clients must send")
-    served_model_name: Optional[str] = key(None, "the model id clients ask for (default: the adapter's or model's name)")
+    served_model_name: Optional[str] = key(None, "the model id clients ask for "
+                                                 "(default: the adapter's or model's name)")
     default_max_tokens: int = key(512, "completion tokens when a request does not say")
 
 
@@ -113,7 +121,8 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), kind=kind)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -123,7 +132,8 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "alpaca-lora"}]}
+        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "alpaca-lora"}
+        return {"object": "list", "data": [model]}
 
     def check(request: Sampling) -> tuple[Decoding, list[str]]:
         if request.model != model_id:
@@ -157,7 +167,8 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
                 generations += [generation] * (request.n - 1)
                 break
         choices = [{"index": i, "finish_reason": g.finish_reason,
-                    **({"message": {"role": "assistant", "content": g.text}} if chat else {"text": g.text, "logprobs": None})}
+                    **({"message": {"role": "assistant", "content": g.text}} if chat
+                       else {"text": g.text, "logprobs": None})}
                    for i, g in enumerate(generations)]
         completion_tokens = sum(g.completion_tokens for g in generations)
         usage = {"prompt_tokens": generations[0].prompt_tokens, "completion_tokens": completion_tokens,
@@ -185,7 +196,8 @@ def _stream(generation: Generation, request: Sampling, chat: bool, ident: str, c
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": piece or "", "finish_reason": finish_reason, "logprobs": None}
-        return f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': model_id, 'choices': [choice]})}\n\n"
+        body = {"id": ident, "object": kind, "created": created, "model": model_id, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
 
     if chat:
         yield chunk(None, first=True)
@@ -200,23 +212,28 @@ def _stream(generation: Generation, request: Sampling, chat: bool, ident: str, c
     yield "data: [DONE]\n\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, TOOL, "[adapter=DIR] [model=DIR] [port=8000] [key=value ...]", ServeConfig):
-        return 0
+def load_serve_config(argv: list[str]) -> ServeConfig:
+    cfg = load_inference_settings(ServeConfig, argv, TOOL)
+    if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"key 'api_key_env': the environment variable {cfg.api_key_env} is not set")
+    return cfg
+
+
+def run(cfg: ServeConfig) -> int:
     import uvicorn
 
-    with exit_on_user_error():
-        cfg: ServeConfig = build(ServeConfig, [("command line", parse_overrides(argv))], TOOL)
-        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-            raise ConfigError(f"key 'api_key_env': the environment variable {cfg.api_key_env} is not set")
-        loaded = load_for_inference(cfg)
-        app = create_app(loaded, cfg)
+    loaded = load_for_inference(cfg)
+    app = create_app(loaded, cfg)
     model_id = cfg.served_model_name or loaded.name
     print(f"serving {loaded.description} as '{model_id}' at http://{cfg.host}:{cfg.port}/v1"
           f"{' (API key required)' if cfg.api_key_env else ''}", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    usage = "[adapter=DIR] [model=DIR] [port=8000] [key=value ...]"
+    return entry_point(argv, lambda: help_text(TOOL, usage, ServeConfig), load_serve_config, run) or 0
 
 
 if __name__ == "__main__":

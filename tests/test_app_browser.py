@@ -5,10 +5,10 @@ import shutil
 import socket
 
 import pytest
+from conftest import FACT
 
 from alpaca_lora.app import build_page
-from alpaca_lora.inference import ModelSettings, load_for_inference
-from conftest import FACT
+from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
@@ -36,7 +36,7 @@ def browser():
         browser.close()
 
 
-def open_app(browser, settings: ModelSettings):
+def open_app(browser, settings: InferenceModel):
     page_app = build_page(load_for_inference(settings))
     port = free_port()
     page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -46,7 +46,7 @@ def open_app(browser, settings: ModelSettings):
 
 
 def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path):
-    page_app, page = open_app(browser, ModelSettings(adapter=str(fact_adapters[16])))
+    page_app, page = open_app(browser, inference_settings(adapter=str(fact_adapters[16])))
     try:
         page.locator("#instruction textarea").fill(FACT["instruction"])
         page.locator("#generate").click()
@@ -54,7 +54,8 @@ def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browse
                                timeout=60_000)
         page.get_by_text("Prompt sent to the model").click()
         prompt = page.locator("#prompt textarea").input_value()
-        assert prompt == load_for_inference(ModelSettings(adapter=str(fact_adapters[16]))).prompt(FACT["instruction"])
+        loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[16])))
+        assert prompt == loaded.prompt(FACT["instruction"])
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         assert (tmp_path / "app.png").stat().st_size > 10_000
     finally:
@@ -62,7 +63,7 @@ def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browse
 
 
 def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
-    page_app, page = open_app(browser, ModelSettings(model=str(tiny_model_dir)))
+    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)))
     try:
         page.locator("#instruction textarea").fill("Tell me a long story.")
         page.get_by_label("Max new tokens").last.fill("1024")
@@ -83,7 +84,7 @@ def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
 
 def test_decoding_controls_follow_the_mode(browser, tiny_model_dir):
     expect = playwright.expect
-    page_app, page = open_app(browser, ModelSettings(model=str(tiny_model_dir)))
+    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)))
     try:
         temperature = page.get_by_role("slider", name="range slider for Temperature (sample)")
         beams = page.get_by_role("slider", name="range slider for Beams (beam)")

@@ -18,10 +18,15 @@ import yaml
 
 from alpaca_lora import train as train_module
 from alpaca_lora.config import (
-    RECIPES_DIR, ConfigError, LoraSettings, QuantSettings, TrainConfig, load_config, resolve_runtime,
+    RECIPES_DIR,
+    LoraSettings,
+    TrainConfig,
+    load_config,
+    resolve_runtime,
     sft_kwargs,
 )
-from alpaca_lora.errors import UserError
+from alpaca_lora.errors import ConfigError, UserError
+from alpaca_lora.model_args import QuantArguments
 from alpaca_lora.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +187,7 @@ ERRORS = [
     (["lora.target_modules=[]"], ["lora.target_modules"]),
     (["max_length=4"], ["max_length"]),
     (["learning_rate=0"], ["learning_rate"]),
+    (["truncation=chop"], ["truncation", "cut", "cut_eos", "drop"]),
 ]
 ERROR_IDS = [" ".join(args) for args, _ in ERRORS]
 
@@ -302,7 +308,7 @@ def test_help_lists_keys_and_recipes(capsys):
     # every key the config accepts is documented, nested ones with their dotted names
     expected = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "quant")}
     expected |= {f"lora.{f.name}" for f in dataclasses.fields(LoraSettings)}
-    expected |= {f"quant.{f.name}" for f in dataclasses.fields(QuantSettings)}
+    expected |= {f"quant.{f.name}" for f in dataclasses.fields(QuantArguments)}
     assert expected <= keys
     assert "lora" not in keys and "quant" not in keys
     for recipe in RECIPES:
@@ -450,16 +456,27 @@ def test_demo_plan(capsys):
     assert plan["runtime"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def recipe_values(name: str) -> dict:
+    """A shipped recipe's own values, over those of the recipe it extends."""
+    values = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    parent = values.pop("extends", None)
+    return {**recipe_values(parent), **values} if parent else values
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_dry_run_reports_itself(recipe, capsys):
     plan = dry_run(capsys, f"recipe={recipe}", "device=cpu")
     assert plan["config"]["recipe"] == recipe
     assert plan["config"]["dry_run"] is True
-    recipe_yaml = yaml.safe_load((RECIPES_DIR / f"{recipe}.yaml").read_text())
+    recipe_yaml = recipe_values(recipe)
+    defaults = TrainConfig(model="?")
     for key in ("model", "data", "output_dir", "max_length", "batch_size", "micro_batch_size"):
-        assert plan["config"][key] == recipe_yaml[key], key
-    assert plan["sft_config"]["output_dir"] == recipe_yaml["output_dir"]
-    assert plan["lora"]["r"] == recipe_yaml["lora"]["r"]
+        assert plan["config"][key] == recipe_yaml.get(key, getattr(defaults, key)), key  # the recipe, else the default
+    assert plan["sft_config"]["output_dir"] == recipe_yaml.get("output_dir", defaults.output_dir)
+    if recipe_yaml.get("finetune") == "full":
+        assert plan["lora"] is None
+    else:
+        assert plan["lora"]["r"] == recipe_yaml.get("lora", {}).get("r", defaults.lora.r)
 
 
 def test_world_size_divides_gradient_accumulation(capsys, monkeypatch):
@@ -518,7 +535,7 @@ def test_cli_error_exits_2_with_one_line():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "error: command line: unknown key 'foo' (python -m alpaca_lora.train --help lists the keys)"
+        "error: command line: unknown key 'foo' (alpaca-lora train --help lists the keys)"
     ]
 
 
@@ -560,8 +577,9 @@ def test_qlora_fsdp_stores_4bit_weights_in_bf16_for_sharding(capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     plan = dry_run(capsys, "recipe=qlora_fsdp", "device=cuda")
     assert plan["config"]["model"] == "meta-llama/Llama-2-70b-hf"
-    assert plan["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                                    "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"}
+    assert plan["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16",
+                                    "bnb_4bit_quant_storage": "bfloat16"}
     assert plan["lora"]["r"] == 16 and plan["lora"]["target_modules"] == "all-linear"
     sft, runtime = plan["sft_config"], plan["runtime"]
     assert sft["fsdp"] == "full_shard auto_wrap"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_lora.data.loading import DataError, LoadedData, load_records
-from alpaca_lora.errors import UserError
+from alpaca_lora.data.loading import LoadedData, load_records
+from alpaca_lora.errors import DataError, UserError
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},

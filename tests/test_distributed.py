@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from alpaca_lora.config import load_config, resolve_runtime
 from alpaca_lora.errors import UserError
-from alpaca_lora.train import check_memory, relaunch_if_needed, under_launcher
+from alpaca_lora.launcher import relaunch_if_needed, under_launcher
+from alpaca_lora.plan import check_memory
 
 TESTS = Path(__file__).resolve().parent
 RECORDS = [{"instruction": "Repeat the number.", "input": str(i), "output": f"number {i} {i}"} for i in range(16)]
@@ -71,11 +72,12 @@ def test_one_process_when_there_is_nothing_to_spread_over(tiny_model_dir, monkey
         monkeypatch.delenv(name, raising=False)
     cfg = load_config(["recipe=qlora", f"model={tiny_model_dir}", "device=cpu"])
     relaunch_if_needed(cfg, resolve_runtime(cfg), [])
-    assert "one process: no GPU (nproc=N starts N CPU ranks)" in capsys.readouterr().out
-    bad = load_config(["recipe=qlora", f"model={tiny_model_dir}", "device=cpu", "nproc=2", "batch_size=6",
-                       "micro_batch_size=2"])
-    with pytest.raises(UserError, match=r"key 'batch_size' \(6\) must be a multiple of micro_batch_size x processes"):
-        relaunch_if_needed(bad, resolve_runtime(bad), [])
+    assert "one process: no GPU (nproc=N starts N CPU ranks)" in capsys.readouterr().err
+    # a batch that N processes cannot share is refused with the configuration, before anything starts
+    with pytest.raises(UserError, match=r"key 'batch_size' must be a multiple of micro_batch_size x processes "
+                                        r"\(2 x 2\)"):
+        load_config(["recipe=qlora", f"model={tiny_model_dir}", "device=cpu", "nproc=2", "batch_size=6",
+                     "micro_batch_size=2"])
 
 
 def test_launched_ranks_run_as_they_are_and_srun_tasks_are_adopted(monkeypatch):
@@ -101,10 +103,10 @@ def test_launched_ranks_run_as_they_are_and_srun_tasks_are_adopted(monkeypatch):
 def test_train_stops_before_loading_weights_when_the_plan_says_oom(capsys):
     cfg = load_config(["recipe=qlora_fsdp", "model=llama-2-70b", "fsdp=", "micro_batch_size=1"])
     with pytest.raises(UserError, match="the memory plan above predicts out-of-memory"):
-        check_memory(cfg, 24 * 1024**3)  # 70B in 4-bit on one 24 GB GPU: no
+        check_memory(cfg, 1, 24 * 1024**3)  # 70B in 4-bit on one 24 GB GPU: no
     assert "DOES NOT FIT in 24.0 GiB" in capsys.readouterr().err
     forced = load_config(["recipe=qlora_fsdp", "model=llama-2-70b", "fsdp=", "force=true"])
-    check_memory(forced, 24 * 1024**3)  # warned, not stopped
-    assert "going on because force=true" in capsys.readouterr().out
-    check_memory(load_config(["recipe=qlora", "model=llama-2-7b"]), 24 * 1024**3)  # fits: silent
-    assert capsys.readouterr().out == ""
+    check_memory(forced, 1, 24 * 1024**3)  # warned, not stopped
+    assert "going on because force=true" in capsys.readouterr().err
+    check_memory(load_config(["recipe=qlora", "model=llama-2-7b"]), 1, 24 * 1024**3)  # fits: silent
+    assert capsys.readouterr() == ("", "")

@@ -14,8 +14,8 @@ from alpaca_lora.data.examples import (
     summarize,
     tokenize_records,
 )
-from alpaca_lora.data.loading import DataError
 from alpaca_lora.data.templates import get_template
+from alpaca_lora.errors import DataError
 
 BOS, EOS, PAD = 1, 2, 3
 TEMPLATE = get_template("alpaca")
@@ -90,14 +90,40 @@ def test_no_eos_token_is_an_error(tiny_tokenizer):
         tokenize_records(RECORDS, TEMPLATE, tokenizer, max_length=512)
 
 
-# (b) truncation keeps EOS
-def test_long_response_truncated_before_eos(tiny_tokenizer):
+# (b) truncation: cut (no EOS after a cut, the default), cut_eos, drop
+def test_a_cut_response_does_not_learn_to_stop_mid_sentence(tiny_tokenizer):
+    """The default, as Stanford's train.py and alpaca-lora's finetune.py cut: no EOS after a cut."""
+    record = {"instruction": "Repeat the words.", "input": "", "output": LONG_OUTPUT}
+    prompt, response = _prompt_ids(tiny_tokenizer, record), _response_ids(tiny_tokenizer, record)
+    max_length = len(prompt) + 10
+    dataset, stats = tokenize_records([record, RECORDS[1]], TEMPLATE, tiny_tokenizer, max_length=max_length)
+    assert (stats["truncated"], stats["dropped"], stats["dropped_too_long"]) == (1, 0, 0)
+    ids, mask = dataset[0]["input_ids"], dataset[0]["completion_mask"]
+    assert ids == prompt + response[:10] and EOS not in ids
+    assert mask == [0] * len(prompt) + [1] * 10
+    assert dataset[1]["input_ids"][-1] == EOS  # one that fits still ends on its EOS
+
+
+def test_drop_leaves_out_and_counts_what_does_not_fit(tiny_tokenizer):
+    record = {"instruction": "Repeat the words.", "input": "", "output": LONG_OUTPUT}
+    max_length = len(_prompt_ids(tiny_tokenizer, record)) + 10
+    dataset, stats = tokenize_records([record, RECORDS[1]], TEMPLATE, tiny_tokenizer, max_length=max_length,
+                                      truncation="drop")
+    assert (stats["truncated"], stats["dropped"], stats["dropped_too_long"], len(dataset)) == (0, 0, 1, 1)
+    assert dataset[0]["input_ids"][-1] == EOS
+    summary = summarize([record, RECORDS[1]], stats, 0, max_length, "drop")
+    assert summary.dropped_too_long == 1 and "1 dropped as too long (truncation=drop)" in summary.lines()[2]
+
+
+def test_cut_eos_appends_eos_after_the_cut(tiny_tokenizer):
+    """The old behaviour, still available: the model learns to stop where the cut fell."""
     record = {"instruction": "Repeat the words.", "input": "", "output": LONG_OUTPUT}
     prompt = _prompt_ids(tiny_tokenizer, record)
     response = _response_ids(tiny_tokenizer, record)
     max_length = len(prompt) + 10
     assert len(response) > 10
-    dataset, stats = tokenize_records([record, RECORDS[1]], TEMPLATE, tiny_tokenizer, max_length=max_length)
+    dataset, stats = tokenize_records([record, RECORDS[1]], TEMPLATE, tiny_tokenizer, max_length=max_length,
+                                      truncation="cut_eos")
     assert stats["truncated"] == 1
     assert stats["dropped"] == 0
     assert stats["full_lengths"][0] == len(prompt) + len(response) + 1  # the untruncated length
@@ -114,10 +140,14 @@ def test_truncation_boundary(tiny_tokenizer):
     record = RECORDS[2]
     prompt, response = _prompt_ids(tiny_tokenizer, record), _response_ids(tiny_tokenizer, record)
     exact = len(prompt) + len(response) + 1
-    fits, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=exact)
-    assert stats["truncated"] == 0
-    assert fits[0]["input_ids"] == prompt + response + [EOS]
+    for truncation in ("cut", "cut_eos", "drop"):
+        fits, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=exact, truncation=truncation)
+        assert stats["truncated"] == 0
+        assert fits[0]["input_ids"] == prompt + response + [EOS]
     cut, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=exact - 1)
+    assert stats["truncated"] == 1
+    assert cut[0]["input_ids"] == prompt + response  # one token short: the EOS is what is cut
+    cut, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=exact - 1, truncation="cut_eos")
     assert stats["truncated"] == 1
     assert cut[0]["input_ids"] == prompt + response[:-1] + [EOS]
 
@@ -144,12 +174,19 @@ def test_prompt_too_long_is_dropped(tiny_tokenizer):
 def test_prompt_near_max_length(tiny_tokenizer):
     record = RECORDS[2]
     prompt, response = _prompt_ids(tiny_tokenizer, record), _response_ids(tiny_tokenizer, record)
-    # Room for exactly one response token plus EOS: kept and truncated.
-    dataset, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=len(prompt) + 2)
+    # cut_eos with room for exactly one response token plus EOS: kept and truncated.
+    dataset, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=len(prompt) + 2,
+                                      truncation="cut_eos")
     assert (stats["dropped"], stats["truncated"]) == (0, 1)
     assert dataset[0]["input_ids"] == prompt + response[:1] + [EOS]
     # Room for EOS only (an empty answer): dropped, never trained as an empty response.
+    dataset, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=len(prompt) + 1,
+                                      truncation="cut_eos")
+    assert (stats["dropped"], len(dataset)) == (1, 0)
+    # cut: one response token, no EOS; nothing at all fits when the prompt fills max_length.
     dataset, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=len(prompt) + 1)
+    assert dataset[0]["input_ids"] == prompt + response[:1]
+    dataset, stats = tokenize_records([record], TEMPLATE, tiny_tokenizer, max_length=len(prompt))
     assert (stats["dropped"], len(dataset)) == (1, 0)
 
 
@@ -303,7 +340,8 @@ def _assert_completion_only_labels(rows):
 
 
 def test_trl_batch_masks_prompt_and_keeps_eos(tiny_model_dir, tiny_tokenizer, tmp_path):
-    dataset, stats = tokenize_records(TRL_RECORDS, TEMPLATE, tiny_tokenizer, max_length=TRL_MAX_LENGTH)
+    dataset, stats = tokenize_records(TRL_RECORDS, TEMPLATE, tiny_tokenizer, max_length=TRL_MAX_LENGTH,
+                                      truncation="cut_eos")
     assert stats["truncated"] == 1 and len(dataset) == len(TRL_RECORDS)
     batch = _first_batch(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, completion_only_loss=True)
     rows = _rows(batch, dataset, pad_id=PAD)
@@ -311,11 +349,23 @@ def test_trl_batch_masks_prompt_and_keeps_eos(tiny_model_dir, tiny_tokenizer, tm
     assert max(len(ids) for ids, _, _ in rows) == TRL_MAX_LENGTH  # the truncated row still ends in EOS
 
 
+def test_trl_batch_of_a_cut_response_ends_without_eos(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """truncation=cut (the default): the cut row's labels run to max_length and stop there, no EOS."""
+    dataset, stats = tokenize_records(TRL_RECORDS, TEMPLATE, tiny_tokenizer, max_length=TRL_MAX_LENGTH)
+    assert stats["truncated"] == 1
+    rows = _rows(_first_batch(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, completion_only_loss=True),
+                 dataset, pad_id=PAD)
+    cut = [(ids, labels) for ids, labels, _ in rows if len(ids) == TRL_MAX_LENGTH]
+    assert len(cut) == 1 and EOS not in cut[0][0] and cut[0][1][-1] == cut[0][0][-1] != -100
+    assert all(labels[-1] == EOS for ids, labels, _ in rows if len(ids) < TRL_MAX_LENGTH)
+
+
 def test_trl_batch_keeps_eos_label_when_pad_is_eos(tiny_model_dir, tiny_tokenizer, tmp_path):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token = tokenizer.eos_token
     assert tokenizer.pad_token_id == EOS
-    dataset, _ = tokenize_records(TRL_RECORDS, TEMPLATE, tokenizer, max_length=TRL_MAX_LENGTH)
+    dataset, _ = tokenize_records(TRL_RECORDS, TEMPLATE, tokenizer, max_length=TRL_MAX_LENGTH,
+                                  truncation="cut_eos")
     batch = _first_batch(tiny_model_dir, tokenizer, dataset, tmp_path, completion_only_loss=True)
     rows = _rows(batch, dataset, pad_id=EOS)
     _assert_completion_only_labels(rows)
@@ -323,7 +373,8 @@ def test_trl_batch_keeps_eos_label_when_pad_is_eos(tiny_model_dir, tiny_tokenize
 
 
 def test_trl_batch_train_on_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
-    dataset, _ = tokenize_records(TRL_RECORDS, TEMPLATE, tiny_tokenizer, max_length=TRL_MAX_LENGTH)
+    dataset, _ = tokenize_records(TRL_RECORDS, TEMPLATE, tiny_tokenizer, max_length=TRL_MAX_LENGTH,
+                                      truncation="cut_eos")
     batch = _first_batch(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, completion_only_loss=False)
     for ids, labels, _ in _rows(batch, dataset, pad_id=PAD):
         assert labels == ids

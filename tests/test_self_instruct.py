@@ -13,7 +13,7 @@ import pytest
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.__main__ import main
 from alpaca_lora.data.templates import get_template
-from fake_openai import Fault, FakeOpenAI, Reply, numbered_reply, task_replies
+from alpaca_lora.endpoint.loopback import FakeOpenAI, Fault, Reply, numbered_reply, task_replies
 
 SEEDS = [{"instruction": f"Seed task number {word} about something.", "instances": [{"input": "", "output": "Done."}]}
          for word in ("one", "two", "three", "four", "five", "six")]
@@ -86,7 +86,8 @@ def test_request_carries_stanfords_sampling_and_the_key_is_never_written(seeds, 
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["authorization"] == "Bearer sk-test-secret-0123456789"
     body = request["body"]
-    assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (1.0, 1.0, 3072, ["21. Instruction"])
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == \
+        (1.0, 1.0, 3072, ["21. Instruction"])
     prompt = body["messages"][0]["content"]
     assert prompt.count("###\n") == 4 and prompt.endswith("###\n4. Instruction:")
     written = "".join(p.read_text() for p in (tmp_path / "out").iterdir()) + "".join(capfd.readouterr())
@@ -175,7 +176,8 @@ def test_regenerate_outputs_with_the_training_prompt_and_resume_the_rest(tmp_pat
     with FakeOpenAI(default=answer, script=script) as server:
         assert main([f"base_url={server.base_url}", *args]) == 0
         summary, records, _ = outputs(tmp_path)
-        assert (summary["stop_reason"], summary["complete"], summary["discarded"]) == ("nothing_left", False, {"truncated": 1})
+        assert (summary["stop_reason"], summary["complete"], summary["discarded"]) == \
+            ("nothing_left", False, {"truncated": 1})
         assert summary["rejected_request"] == 1
         assert server.received[0]["body"]["messages"][0]["content"] == get_template("alpaca").format("Question 0?", "")
         assert [r["output"] for r in records] == [f"NEW: Question {i}?" for i in range(2, 5)]

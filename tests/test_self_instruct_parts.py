@@ -6,11 +6,11 @@ import json
 import pytest
 
 from alpaca_lora.data.self_instruct.clean import clean_records
-from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, encode_prompt, load_seed_tasks, parse_reply
 from alpaca_lora.endpoint.client import price_per_million
 from alpaca_lora.errors import UserError
+from alpaca_lora.journal import Journal
 
 EXAMPLES = [
     {"instruction": "Suggest  a name\nfor a cat:", "input": "", "output": "Whiskers"},
@@ -151,15 +151,16 @@ def test_clean_fixes_and_drops_with_reasons():
         {"instruction": "Write code.", "input": "", "output": "```python\nprint(1)"},                 # truncated
         {"instruction": "List animals.", "input": "", "output": "Cat, dog,"},                          # truncated
         {"instruction": "Fix the grammar.", "input": "He is here.", "output": "he is here"},           # repeats input
-        {"instruction": "Say hi.", "input": "", "output": "Say hi."},                                  # repeats instruction
+        {"instruction": "Say hi.", "input": "", "output": "Say hi."},  # repeats instruction
         {"instruction": "Tell the time.", "input": "", "output": "As an AI language model, I cannot."},  # refusal
-        {"instruction": "Summarize.", "input": "Summarize", "output": "Short."},                       # input = instruction
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5 "},                       # duplicate after fix
+        {"instruction": "Summarize.", "input": "Summarize", "output": "Short."},  # input = instruction
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5 "},  # duplicate after fix
     ]
     report = clean_records(rows, duplicates_already_dropped=2)
     assert [r["instruction"] for r in report.kept] == [
         "Add the numbers.", "Name a color.", "Name a fruit.", "Name a planet.", "List steps.", "Summarize."]
-    assert report.kept[1]["input"] == "" and report.kept[2]["output"] == "Apple." and report.kept[3]["output"] == "Mars."
+    assert report.kept[1]["input"] == "" and report.kept[2]["output"] == "Apple."
+    assert report.kept[3]["output"] == "Mars."
     assert report.kept[5]["input"] == ""
     assert dict(report.dropped) == {"duplicate": 3, "empty_output": 2, "truncated_output": 2, "output_repeats_input": 1,
                                     "output_repeats_instruction": 1, "refusal": 1}
@@ -176,7 +177,7 @@ def test_clean_fixes_and_drops_with_reasons():
     (["target=5"], "key 'model' must be set"),
     (["model=m", "mode=regenerate"], "key 'input' must be set for mode=regenerate"),
     (["model=m", "similarity=1.5"], "key 'similarity' must be between 0 and 1"),
-    (["model=m", "colour=red"], "unknown key 'colour' (python -m alpaca_lora.data.self_instruct --help"),
+    (["model=m", "colour=red"], "unknown key 'colour' (alpaca-lora data --help"),
     (["model=m", "target=many"], "key 'target'"),
 ])
 def test_bad_keys_are_one_line_errors(overrides, message):

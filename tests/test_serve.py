@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
-from alpaca_lora.inference import load_for_inference
-from alpaca_lora.serve import ServeConfig, create_app
 from conftest import FACT
+
+from alpaca_lora.inference import inference_settings, load_for_inference
+from alpaca_lora.serve import ServeConfig, create_app
 
 QUESTION = [{"role": "user", "content": FACT["instruction"]}]
 
@@ -37,14 +37,14 @@ def server(fact_adapters):
     import os
 
     os.environ["TEST_SERVE_KEY"] = "sk-local-test"
-    yield from serving(ServeConfig(adapter=str(fact_adapters[16]), served_model_name="zorblax",
-                                   api_key_env="TEST_SERVE_KEY"))
+    yield from serving(inference_settings(ServeConfig, adapter=str(fact_adapters[16]), served_model_name="zorblax",
+                                          api_key_env="TEST_SERVE_KEY"))
 
 
 @pytest.fixture(scope="module")
 def rambling(tiny_model_dir):
     """The untrained tiny model: it rambles until max_tokens, so streaming and 'length' are visible."""
-    yield from serving(ServeConfig(model=str(tiny_model_dir), served_model_name="tiny"))
+    yield from serving(inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny"))
 
 
 @pytest.fixture

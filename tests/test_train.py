@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from alpaca_lora.adapter import check_adapter
 from alpaca_lora.config import load_config, resolve_runtime
 from alpaca_lora.data.builtin import WORDS
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.train import AdapterError, check_adapter, main, train
+from alpaca_lora.errors import AdapterError
+from alpaca_lora.train import main, train
 
 # Distinct records the tiny model can fit quickly: the word lists repeat, so the loss must fall.
 RECORDS = [
@@ -42,7 +44,7 @@ def test_training_lowers_loss_and_writes_a_real_adapter(tiny_model_dir, tmp_path
     losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml",
                  "metrics.json", "loss.png"):
         assert (out / name).is_file(), name
     adapter = load_file(out / "adapter_model.safetensors")
@@ -106,18 +108,18 @@ def test_a_learned_fact_is_answered_by_greedy_generation_and_then_stops(tiny_mod
     """QLoRA on one made-up fact; the answer must come back exactly, EOS included (nothing after it)."""
     from transformers import AutoModelForCausalLM
 
-    from alpaca_lora.generate import generate_responses
+    from alpaca_lora.inference import generate_batch
     from alpaca_lora.model import load_tokenizer
 
     fact = {"instruction": "What is the capital of Zorblax?", "input": "", "output": "Quibbletown."}
     result = main(tiny_run(tiny_model_dir, tmp_path, "max_steps=40", "micro_batch_size=1", "batch_size=1",
                            "lora.r=16", records=[fact]))
     tokenizer = load_tokenizer(str(tmp_path / "out"))
-    template = get_template("alpaca")
-    trained = generate_responses(result.trainer.model, tokenizer, template, [fact], max_new_tokens=20)
+    prompts = [get_template("alpaca").format(fact["instruction"])]
+    trained = generate_batch(result.trainer.model, tokenizer, prompts, max_new_tokens=20)
     assert trained == ["Quibbletown."]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert generate_responses(base, tokenizer, template, [fact], max_new_tokens=20) != ["Quibbletown."]
+    assert generate_batch(base, tokenizer, prompts, max_new_tokens=20) != ["Quibbletown."]
 
 
 def test_data_is_validated_before_the_model_is_touched(tmp_path, capsys):

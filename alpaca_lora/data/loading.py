@@ -8,7 +8,6 @@ id such as ``tatsu-lab/alpaca``. Every record comes out as ``{instruction, input
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import urllib.request
@@ -18,14 +17,11 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from alpaca_lora.errors import UserError
+from alpaca_lora.errors import DataError
+from alpaca_lora.jsonfiles import parse_json, parse_json_lines, read_text
 from alpaca_lora.paths import cache_dir
 
 FIELDS = ("instruction", "input", "output")
-
-
-class DataError(UserError):
-    pass
 
 
 @dataclass
@@ -79,24 +75,10 @@ def _read_source(source: str) -> tuple[str, Iterable[tuple[str, Any]]]:
 
 
 def _read_file(path: Path, label: str) -> list[tuple[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{label}: cannot read file: {exc}") from None
+    text = read_text(path, label)
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        pairs = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{label}: line {number}: not valid JSON ({exc.msg})") from None
-        return pairs
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        return [(f"line {number}", record) for number, record in parse_json_lines(text, label)]
+    data = parse_json(text, label)
     if not isinstance(data, list):
         raise DataError(f"{label}: expected a JSON list of records, found a JSON {type(data).__name__}")
     return [(f"record [{i}]", record) for i, record in enumerate(data)]

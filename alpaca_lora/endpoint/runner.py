@@ -11,8 +11,8 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from alpaca_lora.endpoint.client import Endpoint, Reply
 from alpaca_lora.journal import Journal
-from alpaca_lora.endpoint.client import Reply, Endpoint
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
 # down or refuses our requests (a parameter it does not take): stop and show the last error.
@@ -24,7 +24,7 @@ class Job(Protocol):
 
     total: int
 
-    def restore(self, entries: list[dict]) -> None: ...
+    def restore(self, entries: list[dict], journal: Journal) -> None: ...
     def next_prompt(self, number: int) -> tuple[int, str] | None: ...
     def accept(self, key: int, reply: Reply) -> dict: ...
     def done(self) -> int: ...

@@ -1,4 +1,4 @@
-"""``python -m alpaca_lora.data.self_instruct [mode=generate|regenerate|clean] key=value ...``
+"""``alpaca-lora data [generate|regenerate|clean] key=value ...`` (also ``python -m alpaca_lora.data.self_instruct``)
 
 Everything checkable (keys, seed tasks, prompt, input data, prices, the journal) is checked before
 the first request. Every finished request is journaled, so the same command resumes a stopped run.
@@ -14,31 +14,25 @@ from pathlib import Path
 
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.clean import clean_records
-from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
-from alpaca_lora.journal import Journal
 from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
-from alpaca_lora.endpoint.client import Endpoint, price_per_million
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.errors import UserError, exit_on_user_error
+from alpaca_lora.endpoint.client import Endpoint, price_per_million
+from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
+from alpaca_lora.errors import UserError
+from alpaca_lora.journal import Journal
+from alpaca_lora.logs import get_logger
 from alpaca_lora.paths import atomic_write_text
-from alpaca_lora.settings import wants_help
+from alpaca_lora.settings import entry_point, help_text
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
-
-
-def log(message: str) -> None:
-    print(f"[self-instruct] {message}", file=sys.stderr, flush=True)
+log = get_logger(__name__).info
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, TOOL, "[mode=generate|regenerate|clean] key=value ...", BuilderConfig):
-        return 0
-    with exit_on_user_error():
-        cfg = load_builder_config(argv)
-        return clean(cfg) if cfg.mode == "clean" else ask_teacher(cfg)
+    return entry_point(argv, lambda: help_text(TOOL, "[mode=generate|regenerate|clean] key=value ...", BuilderConfig),
+                       load_builder_config, lambda cfg: clean(cfg) if cfg.mode == "clean" else ask_teacher(cfg)) or 0
 
 
 def ask_teacher(cfg: BuilderConfig) -> int:
@@ -56,7 +50,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
                         "(USD per million tokens) or prices=FILE")
     journal = Journal(cfg.journal_path)
     entries = journal.read()
-    job.restore(entries)
+    job.restore(entries, journal)
     totals = Totals()
     for entry in entries:
         totals.add(entry)

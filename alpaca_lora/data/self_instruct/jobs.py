@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from alpaca_lora.data.loading import DataError
 from alpaca_lora.data.near_duplicates import NearDuplicateIndex
 from alpaca_lora.data.self_instruct.tasks import encode_prompt, parse_reply
-from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.data.templates import PromptTemplate
+from alpaca_lora.endpoint.client import Reply
+from alpaca_lora.errors import DataError
+from alpaca_lora.journal import Journal
 
 
 class GenerateJob:
@@ -23,7 +24,7 @@ class GenerateJob:
         for task in seeds:
             self.index.add(task["instruction"])
 
-    def restore(self, entries: list[dict]) -> None:
+    def restore(self, entries: list[dict], journal: Journal) -> None:
         for number, entry in enumerate(entries, start=1):
             if entry.get("mode") != "generate":
                 raise DataError(f"journal line {number} was written by mode={entry.get('mode')}, not generate")
@@ -74,16 +75,14 @@ class RegenerateJob:
         self.regenerated: dict[int, dict] = {}
         self._pending = iter(range(len(records)))
 
-    def restore(self, entries: list[dict]) -> None:
+    def restore(self, entries: list[dict], journal: Journal) -> None:
         for number, entry in enumerate(entries, start=1):
             if entry.get("mode") != "regenerate":
                 raise DataError(f"journal line {number} was written by mode={entry.get('mode')}, not regenerate")
             if entry.get("records"):
-                index = entry["index"]
-                if index >= len(self.records) or self.records[index]["instruction"] != entry["records"][0]["instruction"]:
-                    raise DataError(f"journal line {number}: record [{index}] does not match {self.source}; "
-                                    "was the input changed? use another output=")
-                self.regenerated[index] = entry["records"][0]
+                record = entry["records"][0]
+                index = journal.check_record(number, entry["index"], record["instruction"], self.records, self.source)
+                self.regenerated[index] = record
         self._pending = (i for i in range(len(self.records)) if i not in self.regenerated)
 
     def next_prompt(self, number: int) -> tuple[int, str] | None:

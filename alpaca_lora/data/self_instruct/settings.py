@@ -1,4 +1,4 @@
-"""The data builder's keys: ``python -m alpaca_lora.data.self_instruct key=value ...``."""
+"""The data builder's keys: ``alpaca-lora data [mode] key=value ...``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from alpaca_lora.data.self_instruct.tasks import STANFORD_SEED_TASKS
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides
+from alpaca_lora.settings import build, check, command_line, key
 
-TOOL = "alpaca_lora.data.self_instruct"
+TOOL = "data"
 MODES = ("generate", "regenerate", "clean")
 
 
 @dataclass
 class BuilderConfig:
-    mode: str = key("generate", "generate: new instructions; regenerate: new outputs for input=; clean: input= by heuristics")
+    mode: str = key("generate", "generate: new instructions; regenerate: new outputs for input=; "
+                                "clean: input= by heuristics")
     model: Optional[str] = key(None, "the teacher model's name at the endpoint (generate, regenerate)")
     base_url: Optional[str] = key(None, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: "
                                         "OPENAI_BASE_URL or OpenAI); the key is read from OPENAI_API_KEY only")
@@ -27,7 +28,8 @@ class BuilderConfig:
     target: int = key(52000, "instructions to keep (generate)")
     input: Optional[str] = key(None, "Alpaca data to regenerate or clean (.json/.jsonl, URL, hub id)")
     output: Optional[str] = key(None, "final Alpaca JSON; the journal and summary are written beside it "
-                                      "(default: outputs/self_instruct/alpaca_data.json, or INPUT.regenerated/.clean.json)")
+                                      "(default: outputs/self_instruct/alpaca_data.json, "
+                                      "or INPUT.regenerated/.clean.json)")
     template: str = key("alpaca", "prompt template for regenerate: the prompt the fine-tuned model will see")
     concurrency: int = key(8, "requests in flight at once")
     requests_per_minute: Optional[float] = key(None, "start requests at this steady rate at most")
@@ -41,10 +43,13 @@ class BuilderConfig:
     temperature: Optional[float] = key(1.0, "sampling temperature (Stanford: 1.0); null to leave it to the server")
     top_p: Optional[float] = key(1.0, "nucleus sampling (Stanford: 1.0); null to leave it to the server")
     max_tokens: Optional[int] = key(3072, "completion token limit per request (Stanford: 3072); null for none")
-    stop: Optional[List[str]] = key(None, "stop sequences (default: the opening of the task after the list); [] for none")
-    extra_body: Dict[str, Any] = key({}, "more request fields for the endpoint, e.g. extra_body.max_completion_tokens=4096")
+    stop: Optional[List[str]] = key(None, "stop sequences (default: the opening of the task after the list); "
+                                          "[] for none")
+    extra_body: Dict[str, Any] = key({}, "more request fields for the endpoint, "
+                                         "e.g. extra_body.max_completion_tokens=4096")
     timeout: float = key(120.0, "seconds before a request is abandoned and retried")
-    max_retries: int = key(5, "retries per request for 429, 5xx, timeouts and dropped connections (backoff with jitter)")
+    max_retries: int = key(5, "retries per request for 429, 5xx, timeouts and dropped connections "
+                              "(backoff with jitter)")
     seed: int = key(0, "seed for the choice of example tasks (request N always shows the same ones)")
 
     @property
@@ -69,11 +74,11 @@ class BuilderConfig:
 
 
 def load_builder_config(overrides: list[str]) -> BuilderConfig:
-    cfg: BuilderConfig = build(BuilderConfig, [("command line", parse_overrides(overrides))], TOOL)
-    checks = [
+    cfg: BuilderConfig = build(BuilderConfig, [command_line(overrides, BuilderConfig)], TOOL)
+    check([
         (cfg.mode in MODES, "mode", f"must be one of {', '.join(MODES)}"),
         (cfg.mode == "clean" or bool(cfg.model), "model", "must be set (the teacher model's name)"),
-        (cfg.mode == "generate" or bool(cfg.input), "input", f"must be set for mode={cfg.mode}"),
+        (cfg.mode not in ("regenerate", "clean") or bool(cfg.input), "input", f"must be set for mode={cfg.mode}"),
         (cfg.api in ("chat", "completions"), "api", "must be chat or completions"),
         (cfg.prompt_tasks >= 1, "prompt_tasks", "must be at least 1"),
         (cfg.tasks_per_request > cfg.prompt_tasks, "tasks_per_request", "must be more than prompt_tasks"),
@@ -85,9 +90,6 @@ def load_builder_config(overrides: list[str]) -> BuilderConfig:
         (0.0 <= cfg.similarity <= 1.0, "similarity", "must be between 0 and 1"),
         (cfg.timeout > 0, "timeout", "must be positive"),
         (cfg.max_retries >= 0, "max_retries", "must be 0 or more"),
-    ]
-    for ok, name, message in checks:
-        if not ok:
-            raise ConfigError(f"key '{name}' {message}")
+    ])
     return cfg
 

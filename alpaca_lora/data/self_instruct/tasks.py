@@ -3,14 +3,15 @@ parsing and the per-instruction filters, each discard counted by its reason."""
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError, download
+from alpaca_lora.data.loading import download
+from alpaca_lora.errors import DataError
+from alpaca_lora.jsonfiles import parse_json_lines, read_text
 
 STANFORD_SEED_TASKS = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/seed_tasks.jsonl"
 
@@ -53,20 +54,11 @@ class Parsed:
 def load_seed_tasks(source: str) -> list[dict[str, str]]:
     """Self-Instruct's seed tasks (JSONL, path or URL) as records: each task's first instance."""
     path = download(source) if source.startswith(("http://", "https://")) else Path(source).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{source}: cannot read seed tasks: {exc}") from None
     seeds = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}: line {number}: not valid JSON ({exc.msg})") from None
+    for number, task in parse_json_lines(read_text(path, source), source):
         instances = task.get("instances") if isinstance(task, dict) else None
-        if not isinstance(task, dict) or not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
+        instruction = task.get("instruction") if isinstance(task, dict) else None
+        if not isinstance(instruction, str) or not instruction.strip():
             raise DataError(f"{source}: line {number}: field 'instruction' is missing or empty")
         if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
             raise DataError(f"{source}: line {number}: field 'instances' must be a non-empty list of objects")

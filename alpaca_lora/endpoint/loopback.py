@@ -1,5 +1,6 @@
-"""A small OpenAI-compatible HTTP server on loopback for tests: replies and faults are scripted
-per HTTP request (retries included), and everything it received is recorded."""
+"""A small OpenAI-compatible HTTP server on loopback, for offline tests and benchmarks of anything
+that talks to an endpoint (the data builder, the judge): replies and faults are scripted per HTTP
+request (retries included), and everything it received is recorded."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
-                    server.received.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()},
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    server.received.append({"path": self.path, "body": body, "headers": headers,
                                             "time": time.monotonic()})
                     action = server.script.pop(0) if server.script else None
                 if action is None:
@@ -75,7 +77,8 @@ class FakeOpenAI:
 
             def _answer(self, body: dict, reply: Reply):
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-                usage = {"prompt_tokens": server.count_tokens(prompt), "completion_tokens": server.count_tokens(reply.text)}
+                usage = {"prompt_tokens": server.count_tokens(prompt),
+                         "completion_tokens": server.count_tokens(reply.text)}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server._lock:
                     for name in ("prompt_tokens", "completion_tokens"):
