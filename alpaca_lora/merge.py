@@ -21,7 +21,7 @@ import yaml
 from omegaconf import MISSING
 
 from alpaca_lora.data.examples import left_padded_prompts
-from alpaca_lora.data.templates import get_template
+from alpaca_lora.data.templates import get_template, set_chat_template
 from alpaca_lora.errors import ConfigError, MergeError
 from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import (
@@ -88,7 +88,7 @@ def merge(cfg: MergeConfig) -> dict:
     trained_bits = saved_config(cfg.adapter).get("quant", {}).get("bits")
     template = get_template(cfg.template)
     path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(cfg.adapter, cfg.trust_remote_code)
+    tokenizer = set_chat_template(load_tokenizer(cfg.adapter, cfg.trust_remote_code), template)  # travels with it
     dtype = _merge_dtype(cfg.dtype, path)
     probes = left_padded_prompts(tokenizer, [template.format(instruction, text) for instruction, text in PROBES])
 

@@ -31,7 +31,7 @@ from alpaca_lora.config import (
 )
 from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
 from alpaca_lora.data.loading import load_records
-from alpaca_lora.data.templates import PromptTemplate, get_template
+from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
 from alpaca_lora.errors import ConfigError
 from alpaca_lora.logs import EVERY_RANK, get_logger
 from alpaca_lora.model_args import SAVED_CONFIG
@@ -87,7 +87,7 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template)  # saved with the weights
     train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation)
     val_set, val_stats = tokenize_records(val_records, template, tokenizer, cfg.max_length, cfg.truncation)
     summary = summarize(data.records, {k: stats[k] + val_stats[k] for k in stats}, data.duplicates_dropped,

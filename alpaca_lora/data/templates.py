@@ -1,12 +1,15 @@
 """Prompt templates: the one place that turns an instruction (and input) into a prompt.
 
 Training, generation, serving and evaluation all call :func:`get_template`, so a model is
-always prompted exactly as it was trained.
+always prompted exactly as it was trained. The same template also travels with the model, as the
+tokenizer's Jinja ``chat_template`` (vLLM, ``transformers serve``, llama.cpp) and as an Ollama
+``TEMPLATE``, both mapping a conversation as this project's server does.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +96,120 @@ def get_template(name_or_path: str) -> PromptTemplate:
     raise TemplateError(
         f"unknown template '{name_or_path}': use one of {sorted(BUILTIN_TEMPLATES)} or a .json/.yaml file"
     )
+
+
+# How a conversation becomes one prompt, as the server maps it (alpaca_lora.serve.chat_prompt; the tests pin
+# that they agree): the last message, from the user, is the instruction; the earlier ones are the input, one
+# paragraph each, system (or developer) messages as they are and the others as "User: ...", "Assistant: ...".
+CONTEXT_ROLES_VERBATIM = ("system", "developer")
+CONTEXT_SEPARATOR = "\n\n"
+
+
+def _pieces(template: PromptTemplate, prompt: str) -> list[tuple[str, str | None]]:
+    """``(literal, field)`` pairs of a format string, ``field`` being ``instruction``, ``input`` or None."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(prompt):
+        if field not in (None, "instruction", "input") or spec or conversion:
+            found = "{" + (field or "") + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise TemplateError(f"template '{template.name}': only {{instruction}} and {{input}} may appear in braces "
+                                f"to export it as a chat template, not {found}")
+        pieces.append((literal, field))
+    return pieces
+
+
+def chat_template(template: PromptTemplate, bos: bool) -> str:
+    """A Jinja ``chat_template`` rendering a conversation as the server prompts it.
+
+    With ``bos`` (the tokenizer adds BOS to a prompt itself) it starts with ``bos_token``: chat
+    consumers tokenize the rendered text without special tokens (transformers, vLLM) or drop a
+    leading BOS they add themselves (llama.cpp), so the ids are the training prompt's either way.
+    Every literal is a quoted string and every tag trims whitespace, so no Jinja whitespace rule
+    can add or drop a byte.
+    """
+
+    def render(prompt: str) -> str:
+        parts = []
+        for literal, field in _pieces(template, prompt):
+            if literal:
+                parts.append(json.dumps(literal, ensure_ascii=False))
+            if field:
+                parts.append(field)
+        return "{{- " + " + ".join(parts) + " -}}"
+
+    lines = [
+        "{#- alpaca-lora: the '" + template.name + "' prompt template the model was trained with -#}",
+        "{%- macro text(content) -%}",
+        "{%- if content is string -%}{{- content -}}{%- else -%}{%- for part in content -%}{{- part['text'] -}}"
+        "{%- endfor -%}{%- endif -%}",
+        "{%- endmacro -%}",
+        "{%- if messages | length == 0 or messages[-1]['role'] != 'user' -%}",
+        "{{- raise_exception(\"the last message must have role 'user'\") -}}",
+        "{%- endif -%}",
+        "{%- set ns = namespace(input='') -%}",
+        "{%- for message in messages[:-1] -%}",
+        "{%- if not loop.first -%}{%- set ns.input = ns.input + " + json.dumps(CONTEXT_SEPARATOR) + " -%}{%- endif -%}",
+        "{%- if message['role'] in " + json.dumps(list(CONTEXT_ROLES_VERBATIM)) + " -%}",
+        "{%- set ns.input = ns.input + text(message['content']) -%}",
+        "{%- else -%}",
+        "{%- set ns.input = ns.input + (message['role'] | capitalize) + ': ' + text(message['content']) -%}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set instruction = text(messages[-1]['content']) -%}",
+        "{%- set input = ns.input -%}",
+        "{{- bos_token -}}" if bos else "",
+        "{%- if input -%}",
+        render(template.prompt_input),
+        "{%- else -%}",
+        render(template.prompt_no_input),
+        "{%- endif -%}",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def set_chat_template(tokenizer, template: PromptTemplate):
+    """Makes ``template`` the tokenizer's chat template, so the saved model carries how it was trained."""
+    adds_bos = tokenizer.bos_token_id is not None and \
+        tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    tokenizer.chat_template = chat_template(template, adds_bos)
+    return tokenizer
+
+
+def instruction_header(template: PromptTemplate) -> str:
+    """The line that introduces the instruction ("### Instruction:"): a model that writes it has begun a new turn."""
+    before = template.prompt_no_input.split("{instruction}", 1)[0]
+    lines = [line.strip() for line in before.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def ollama_template(template: PromptTemplate) -> str:
+    """The same mapping as an Ollama ``TEMPLATE`` (Go text/template over ``.Messages``); Ollama adds BOS itself.
+
+    Literals are quoted strings and every action trims the whitespace around it, so only they are output.
+    """
+
+    def render(prompt: str) -> str:
+        fields = {"instruction": "{{- $instruction }}", "input": "{{- $input }}"}
+        return "".join(("{{- " + json.dumps(literal, ensure_ascii=False) + " }}" if literal else "")
+                       + (fields[field] if field else "") for literal, field in _pieces(template, prompt))
+
+    verbatim = " ".join(f"(eq .Role {json.dumps(role)})" for role in CONTEXT_ROLES_VERBATIM)
+    named = "".join(f'\n{{{{- else if eq .Role "{role}" }}}}{{{{- $text = print "{role.capitalize()}: " .Content }}}}'
+                    for role in ("user", "assistant", "tool"))
+    return "\n".join([
+        '{{- $instruction := "" }}{{- $input := "" }}{{- $text := "" }}',
+        "{{- range $i, $message := .Messages }}",
+        "{{- if eq (len (slice $.Messages $i)) 1 }}{{- $instruction = .Content }}",
+        "{{- else }}",
+        f"{{{{- if or {verbatim} }}}}{{{{- $text = .Content }}}}{named}",
+        '{{- else }}{{- $text = print .Role ": " .Content }}',
+        "{{- end }}",
+        "{{- if $i }}{{- $input = print $input " + json.dumps(CONTEXT_SEPARATOR) + " $text }}"
+        "{{- else }}{{- $input = $text }}{{- end }}",
+        "{{- end }}",
+        "{{- end }}",
+        "{{- if $input }}",
+        render(template.prompt_input),
+        "{{- else }}",
+        render(template.prompt_no_input),
+        "{{- end }}",
+    ])

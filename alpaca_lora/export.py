@@ -1,0 +1,319 @@
+"""Export a fine-tuned model for llama.cpp and Ollama:
+``python -m alpaca_lora.export format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [outtype=f16|bf16|q8_0]``
+
+An adapter is merged first (the verified merge of alpaca_lora.merge). The conversion is llama.cpp's own
+``convert_hf_to_gguf.py``, from a llama.cpp checkout (``llama_cpp=PATH``) or from the pinned
+llama-cpp-python source distribution (it vendors llama.cpp), fetched once through pip into the cache.
+The model's tokenizer goes in with the training template as its chat template, so llama.cpp and
+Ollama prompt the model as it was trained; a vocabulary-only conversion first checks that the converter
+knows the architecture and the tokenizer, before any expensive work. The GGUF appears atomically, with an
+Ollama Modelfile beside it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING
+
+from alpaca_lora.data.templates import (
+    PromptTemplate,
+    get_template,
+    instruction_header,
+    ollama_template,
+    set_chat_template,
+)
+from alpaca_lora.errors import UserError, exit_on_user_error
+from alpaca_lora.inference import training_config
+from alpaca_lora.paths import atomic_write_text, cache_dir
+from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
+
+TOOL = "alpaca_lora.export"
+# llama.cpp's converter comes from this source distribution (vendor/llama.cpp); its CHANGELOG names the commit.
+CONVERTER_PACKAGE = "llama-cpp-python"
+CONVERTER_VERSION = "0.3.36"
+CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e57098"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+OUTTYPES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # bytes per weight in the GGUF
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+class ExportError(UserError):
+    pass
+
+
+@dataclass
+class ExportConfig:
+    format: str = key(MISSING, "gguf (llama.cpp, Ollama)")
+    output: str = key(MISSING, "the .gguf file to write; an Ollama Modelfile is written beside it (FILE.Modelfile)")
+    adapter: Optional[str] = key(None, "adapter directory written by alpaca_lora.train: merged first")
+    model: Optional[str] = key(None, "merged or fully fine-tuned model directory (instead of adapter=)")
+    outtype: str = key("f16", "weights in the GGUF: f16, bf16 or q8_0")
+    llama_cpp: Optional[str] = key(None, "llama.cpp checkout with convert_hf_to_gguf.py (default: the one in "
+                                         f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}'s sources, fetched once)")
+    template: Optional[str] = key(None, "prompt template (default: the one the model was trained with)")
+    dequantize: bool = key(False, "merge into the NF4-dequantized base QLoRA trained on (see alpaca_lora.merge)")
+    overwrite: bool = key(False, "replace an existing output file and Modelfile")
+    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
+
+
+def load_export_config(overrides: list[str]) -> ExportConfig:
+    cfg: ExportConfig = build(ExportConfig, [("command line", parse_overrides(overrides))], TOOL)
+    if cfg.format != "gguf":
+        raise ConfigError("key 'format' must be gguf")
+    if cfg.outtype not in OUTTYPES:
+        raise ConfigError(f"key 'outtype' must be one of {', '.join(OUTTYPES)}")
+    if not cfg.output.endswith(".gguf"):
+        raise ConfigError(f"key 'output': {cfg.output} must end in .gguf")
+    if bool(cfg.adapter) == bool(cfg.model):
+        raise ConfigError("set exactly one of 'adapter' (merged first) and 'model' (a merged model directory)")
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"key 'adapter': {cfg.adapter} has no adapter_config.json (a directory written by training)")
+    if cfg.model and not (Path(cfg.model) / "config.json").is_file():
+        raise ConfigError(f"key 'model': {cfg.model} has no config.json (a merged model directory)")
+    for path in (Path(cfg.output), modelfile_path(cfg.output)):
+        if path.exists() and not cfg.overwrite:
+            raise ConfigError(f"key 'output': {path} exists; choose another file or set overwrite=true")
+    return cfg
+
+
+def modelfile_path(output: str | Path) -> Path:
+    return Path(output).with_suffix(".Modelfile")
+
+
+def converter_dir(llama_cpp: str | None = None) -> Path:
+    """A llama.cpp source tree with the converter: the one given, or llama-cpp-python's, fetched once."""
+    if llama_cpp:
+        root = Path(llama_cpp)
+        if not (root / "convert_hf_to_gguf.py").is_file() or not (root / "gguf-py").is_dir():
+            raise ExportError(f"key 'llama_cpp': {root} has no convert_hf_to_gguf.py and gguf-py/ "
+                              "(a llama.cpp checkout)")
+        return root
+    cache = cache_dir("llama.cpp")
+    root = cache / f"llama_cpp_python-{CONVERTER_VERSION}" / "vendor" / "llama.cpp"
+    if (root / "convert_hf_to_gguf.py").is_file():
+        return root
+    sdist = fetch_sdist()
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
+    try:
+        with tarfile.open(sdist) as archive:
+            prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
+            members = [m for m in archive.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(CONVERTER_FILES)]
+            archive.extractall(tmp, members=members, filter="data")
+        (tmp / f"llama_cpp_python-{CONVERTER_VERSION}").rename(cache / f"llama_cpp_python-{CONVERTER_VERSION}")
+    except OSError:
+        if not (root / "convert_hf_to_gguf.py").is_file():  # not another process that unpacked it first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def fetch_sdist() -> Path:
+    """The pinned llama-cpp-python source distribution in the cache, downloaded once through pip (hash-checked)."""
+    cache = cache_dir("llama.cpp")
+    sdist = cache / f"llama_cpp_python-{CONVERTER_VERSION}.tar.gz"
+    if sdist.is_file():
+        return sdist
+    print(f"fetching llama.cpp's converter: {CONVERTER_PACKAGE}=={CONVERTER_VERSION} (source, once) into {cache}",
+          flush=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        requirement = Path(tmp) / "requirement.txt"
+        requirement.write_text(f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION} --hash=sha256:{CONVERTER_SHA256}\n")
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                               "--require-hashes", "-r", str(requirement), "-d", tmp], capture_output=True, text=True)
+        downloaded = Path(tmp) / sdist.name
+        if done.returncode != 0 or not downloaded.is_file():
+            last = (done.stderr.strip().splitlines() or ["no file"])[-1]
+            raise ExportError(f"cannot fetch llama.cpp's converter ({CONVERTER_PACKAGE}=={CONVERTER_VERSION} through "
+                              f"pip): {last}; give llama_cpp=PATH (a llama.cpp checkout) instead")
+        os.replace(downloaded, sdist)
+    return sdist
+
+
+def export(cfg: ExportConfig) -> dict:
+    output = Path(cfg.output)
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise ExportError("llama.cpp's converter needs the sentencepiece package: pip install sentencepiece")
+    converter = converter_dir(cfg.llama_cpp)
+    trained = training_config(cfg.adapter or cfg.model)
+    template = get_template(cfg.template or trained.get("template") or "alpaca")
+    tokenizer = _tokenizer(cfg, template)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        model_dir = Path(cfg.model) if cfg.model else _base_dir(cfg, trained)
+        stage = _stage(model_dir, tokenizer, work / "vocab")
+        _convert(converter, stage, work / "vocab.gguf", cfg.outtype, vocab_only=True)  # architecture, tokenizer
+        _check_disk(model_dir, output.parent, cfg)
+        if cfg.adapter:
+            model_dir = _merge(cfg, work / "merged")
+        stage = _stage(model_dir, tokenizer, work / "model")
+        _convert(converter, stage, work / "model.gguf", cfg.outtype)
+        summary = _check_gguf(work / "model.gguf", tokenizer)
+        os.replace(work / "model.gguf", output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(modelfile_path(output), modelfile(output, template, tokenizer))
+    return {**summary, "template": template.name, "output": str(output), "modelfile": str(modelfile_path(output))}
+
+
+def _tokenizer(cfg: ExportConfig, template: PromptTemplate):
+    from alpaca_lora.model import load_tokenizer
+
+    return set_chat_template(load_tokenizer(cfg.adapter or cfg.model, cfg.trust_remote_code), template)
+
+
+def _base_dir(cfg: ExportConfig, trained: dict) -> Path:
+    from alpaca_lora.model import resolve_model
+
+    adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+    base = trained.get("model") or adapter_config.get("base_model_name_or_path")
+    path = Path(resolve_model(base)) if base else None
+    if path is None or not (path / "config.json").is_file():
+        raise ExportError(f"adapter {cfg.adapter}: its base model ({base}) is not a local directory; merge it first "
+                          "(alpaca_lora.merge) and export model=MERGED_DIR")
+    return path
+
+
+def _stage(model_dir: Path, tokenizer, stage: Path) -> Path:
+    """The directory the converter reads: the model's files (linked) with the tokenizer carrying the chat template."""
+    stage.mkdir()
+    tokenizer.save_pretrained(stage)
+    for source in model_dir.iterdir():
+        if source.name not in TOKENIZER_FILES and not (stage / source.name).exists():
+            (stage / source.name).symlink_to(source.resolve())
+    return stage
+
+
+def _convert(converter: Path, stage: Path, target: Path, outtype: str, vocab_only: bool = False) -> None:
+    """Runs convert_hf_to_gguf.py with this Python; its progress bar is shown, its last lines explain a failure."""
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(stage), "--outfile", str(target),
+               "--outtype", outtype] + (["--vocab-only"] if vocab_only else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    tail: deque[str] = deque(maxlen=200)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=converter) as process:
+        pending = ""
+        while chunk := process.stdout.read1(4096).decode("utf-8", "replace"):
+            *lines, pending = (pending + chunk).replace("\r", "\n").split("\n")
+            for line in lines:
+                if line.startswith("Writing:") and not vocab_only:
+                    print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                elif line.strip():
+                    tail.append(line)
+        if pending.strip():
+            tail.append(pending)
+    if not vocab_only:
+        print(file=sys.stderr)
+    if process.returncode != 0:
+        raise ExportError(_conversion_failure(stage, list(tail)))
+
+
+def _conversion_failure(stage: Path, tail: list[str]) -> str:
+    text = "\n".join(tail)
+    architectures = json.loads((stage / "config.json").read_text()).get("architectures") or ["?"]
+    if "is not supported" in text:
+        return f"llama.cpp's converter does not support the architecture {architectures[0]} ({stage.name})"
+    if "BPE pre-tokenizer was not recognized" in text:
+        return ("llama.cpp's converter does not recognise this tokenizer's pre-tokenizer (it knows those of published "
+                "models by a hash of their output): use a tokenizer of a model llama.cpp supports")
+    errors = [line for line in tail if "Error" in line or line.startswith("ERROR")] or tail or ["no output"]
+    return f"llama.cpp's converter failed: {errors[-1].strip()}"
+
+
+def _weights(model_dir: Path) -> int:
+    """Parameter count, from the config on the meta device (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_disk(model_dir: Path, where: Path, cfg: ExportConfig) -> None:
+    """The merged model (when merging) and the GGUF both live beside the output for a while: refuse early."""
+    weights = _weights(model_dir)
+    need = weights * OUTTYPES[cfg.outtype]
+    if cfg.adapter:  # merged in the base's own dtype
+        config = json.loads((model_dir / "config.json").read_text())
+        need += weights * (4 if (config.get("dtype") or config.get("torch_dtype")) == "float32" else 2)
+    need *= 1.05
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {where.resolve()}: the export needs about {need / 1e9:.1f} GB "
+                          f"({'merged model and ' if cfg.adapter else ''}GGUF), {free / 1e9:.1f} GB are free")
+
+
+def _merge(cfg: ExportConfig, target: Path) -> Path:
+    from alpaca_lora.merge import MergeConfig, merge
+
+    report = merge(MergeConfig(adapter=cfg.adapter, output=str(target), dequantize=cfg.dequantize,
+                               trust_remote_code=cfg.trust_remote_code))
+    print(f"merged {cfg.adapter} into {report['base']} ({report['dtype']}); verified: relative logit difference "
+          f"{report['relative_difference']:.1e} (tolerance {report['tolerance']:g})", flush=True)
+    return target
+
+
+def _check_gguf(path: Path, tokenizer) -> dict:
+    """What llama.cpp and Ollama will read: the chat template and EOS must be the training ones."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def field(name: str):
+        found = reader.get_field(name)
+        return found.contents() if found is not None else None
+
+    if field("tokenizer.chat_template") != tokenizer.chat_template:
+        raise ExportError(f"the converter did not store the chat template in {path.name}")
+    if field("tokenizer.ggml.eos_token_id") != tokenizer.eos_token_id:
+        raise ExportError(f"the GGUF's EOS id {field('tokenizer.ggml.eos_token_id')} is not the tokenizer's "
+                          f"({tokenizer.eos_token_id}, {tokenizer.eos_token})")
+    return {"architecture": field("general.architecture"), "tensors": len(reader.tensors),
+            "eos_token_id": tokenizer.eos_token_id, "bytes": path.stat().st_size}
+
+
+def modelfile(output: Path, template: PromptTemplate, tokenizer) -> str:
+    """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE, and where to stop."""
+    stops = [tokenizer.eos_token] + [header for header in [instruction_header(template)] if header]
+    lines = [f"# Ollama: ollama create {output.stem} -f {modelfile_path(output).name}",
+             f"FROM ./{output.name}", f'TEMPLATE """{ollama_template(template)}"""']
+    lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv, TOOL, "format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [key=value ...]", ExportConfig):
+        return 0
+    with exit_on_user_error():
+        cfg = load_export_config(argv)
+        summary = export(cfg)
+    print(f"wrote {summary['output']} ({summary['architecture']}, {summary['tensors']} tensors, {cfg.outtype}, "
+          f"{summary['bytes'] / 1e6:.0f} MB; chat template: {summary['template']}; EOS id {summary['eos_token_id']}) "
+          f"and {summary['modelfile']}")
+    print(f"run it: ollama create {Path(cfg.output).stem} -f {summary['modelfile']}  |  "
+          f"llama-cli -m {summary['output']}  |  llama-server -m {summary['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
