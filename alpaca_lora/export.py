@@ -229,7 +229,7 @@ def _conversion_failure(stage: Path, tail: list[str]) -> str:
     text = "\n".join(tail)
     architectures = json.loads((stage / "config.json").read_text()).get("architectures") or ["?"]
     if "is not supported" in text:
-        return f"llama.cpp's converter does not support the architecture {architectures[0]} ({stage.name})"
+        return f"llama.cpp's converter does not support the architecture {architectures[0]}"
     if "BPE pre-tokenizer was not recognized" in text:
         return ("llama.cpp's converter does not recognise this tokenizer's pre-tokenizer (it knows those of published "
                 "models by a hash of their output): use a tokenizer of a model llama.cpp supports")

@@ -1,0 +1,275 @@
+"""GGUF export, checked by the real consumers: the gguf package's reader, transformers' GGUF loader and
+(opt-in, ``make test-llamacpp``) llama.cpp itself; an Ollama Modelfile beside it; one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import build_model
+from gguf import GGUFReader
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from alpaca_lora.data.examples import encode_prompt
+from alpaca_lora.data.templates import chat_template, get_template, ollama_template
+from alpaca_lora.export import ExportError, converter_dir, fetch_sdist, main
+from alpaca_lora.model import load_tokenizer
+
+# f16 rounds every weight once: the GGUF's logits may differ from the float32 model's by this much,
+# relative to the largest |logit| (measured: about 1e-3 for the tiny random Llama and the demo model).
+F16_RELATIVE_TOLERANCE = 1e-2
+PROMPTS = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!")]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """llama.cpp's converter from the pinned llama-cpp-python sources, fetched through pip once per machine
+    (session fixtures are set up before the per-test cache, so this is the user's cache)."""
+    try:
+        return converter_dir()
+    except ExportError as exc:
+        pytest.skip(f"llama.cpp's converter could not be fetched (is PyPI reachable?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def smol_llama_dir(demo_model_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
+    it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
+    directory = tmp_path_factory.mktemp("smol-llama")
+    tokenizer = load_tokenizer(str(demo_model_dir))
+    build_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(demo_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the demo model with random (non-zero) weights: merging it must change the model."""
+    from peft import LoraConfig, get_peft_model
+
+    directory = tmp_path_factory.mktemp("demo-adapter")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(directory)
+    load_tokenizer(str(demo_model_dir)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def merged_demo(demo_adapter, tmp_path_factory) -> Path:
+    from alpaca_lora.merge import main as merge
+
+    output = tmp_path_factory.mktemp("merged-demo") / "merged"
+    assert merge([f"adapter={demo_adapter}", f"output={output}"]) == 0
+    return output
+
+
+def field(reader: GGUFReader, name: str):
+    found = reader.get_field(name)
+    return found.contents() if found is not None else None
+
+
+def prompt_ids(tokenizer, template) -> list[torch.Tensor]:
+    return [torch.tensor([encode_prompt(tokenizer, template.format(*p))]) for p in PROMPTS]
+
+
+@torch.no_grad()
+def compare(reference, exported, prompts: list[torch.Tensor], new_tokens: int) -> float:
+    """Asserts identical greedy tokens; returns the largest relative difference of the last-position logits."""
+    worst = 0.0
+    for ids in prompts:
+        want = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        got = exported.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        assert got.tolist() == want.tolist()
+        logits, gguf_logits = reference(ids).logits[0, -1], exported(ids).logits[0, -1]
+        worst = max(worst, ((gguf_logits - logits).abs().max() / logits.abs().max()).item())
+    return worst
+
+
+def load_gguf(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_a_tiny_llama_reads_back_through_gguf_and_transformers(smol_llama_dir, llama_cpp, tmp_path, capsys):
+    output = tmp_path / "out" / "smol.gguf"
+    assert main(["format=gguf", f"model={smol_llama_dir}", f"output={output}", "template=alpaca_lora",
+                 f"llama_cpp={llama_cpp}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"ollama create smol -f {output.with_suffix('.Modelfile')}" in printed
+    assert f"llama-cli -m {output}" in printed
+    assert sorted(p.name for p in output.parent.iterdir()) == ["smol.Modelfile", "smol.gguf"]  # no leftovers
+
+    reader = GGUFReader(output)
+    with safe_open(smol_llama_dir / "model.safetensors", "pt") as weights:
+        assert len(reader.tensors) == len(list(weights.keys())) == 21
+    tokenizer = load_tokenizer(str(smol_llama_dir))
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "tokenizer.chat_template") == chat_template(get_template("alpaca_lora"), bos=False)
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id == 2
+    assert field(reader, "tokenizer.ggml.pre") == "smollm"
+
+    reference = AutoModelForCausalLM.from_pretrained(smol_llama_dir, dtype=torch.float32).eval()
+    assert compare(reference, load_gguf(output), prompt_ids(tokenizer, get_template("alpaca_lora")), 8) \
+        <= F16_RELATIVE_TOLERANCE
+
+    modelfile = output.with_suffix(".Modelfile").read_text()
+    assert "\nFROM ./smol.gguf\n" in modelfile
+    assert f'TEMPLATE """{ollama_template(get_template("alpaca_lora"))}"""' in modelfile
+    assert modelfile.endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "### Instruction:"\n')
+
+
+def test_the_demo_adapter_is_merged_and_converted_like_the_merged_model(demo_adapter, merged_demo, llama_cpp,
+                                                                        tmp_path):
+    output = tmp_path / "demo.gguf"
+    assert main(["format=gguf", f"adapter={demo_adapter}", f"output={output}", f"llama_cpp={llama_cpp}"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.Modelfile", "demo.gguf"]  # the merge is gone too
+
+    reader = GGUFReader(output)
+    merged_tokenizer = load_tokenizer(str(merged_demo))
+    assert (merged_demo / "chat_template.jinja").read_text() == merged_tokenizer.chat_template  # merge carries it
+    assert field(reader, "general.architecture") == "llama"
+    assert len(reader.tensors) == 272  # 30 layers x 9, the embedding (tied to the head) and the final norm
+    assert field(reader, "tokenizer.chat_template") == merged_tokenizer.chat_template == \
+        chat_template(get_template("alpaca"), bos=False)
+    assert field(reader, "tokenizer.ggml.eos_token_id") == merged_tokenizer.eos_token_id == 2  # <|im_end|>
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_demo, dtype=torch.float32).eval()
+    assert compare(merged, load_gguf(output), prompt_ids(merged_tokenizer, get_template("alpaca")), 16) \
+        <= F16_RELATIVE_TOLERANCE
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_overwrite(smol_llama_dir, llama_cpp, tmp_path,
+                                                                       capsys):
+    output = tmp_path / "smol.gguf"
+    output.write_text("mine")
+    args = ["format=gguf", f"model={smol_llama_dir}", f"output={output}", f"llama_cpp={llama_cpp}"]
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"error: key 'output': {output} exists; choose another file or set "
+                                       "overwrite=true\n")
+    assert main(args + ["overwrite=true"]) == 0
+    assert GGUFReader(output).get_field("general.architecture").contents() == "llama"
+
+
+def _error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_a_tokenizer_llama_cpp_does_not_know_is_a_one_line_error_and_nothing_is_written(tiny_model_dir, llama_cpp,
+                                                                                       tmp_path, capsys):
+    err = _error(["format=gguf", f"model={tiny_model_dir}", f"output={tmp_path / 'tiny.gguf'}",
+                  f"llama_cpp={llama_cpp}"], capsys)
+    assert "does not recognise this tokenizer's pre-tokenizer" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_architecture_llama_cpp_does_not_know_is_a_one_line_error(smol_llama_dir, llama_cpp, tmp_path, capsys):
+    model = tmp_path / "strange"
+    shutil.copytree(smol_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["StrangeForCausalLM"]}))
+    err = _error(["format=gguf", f"model={model}", f"output={tmp_path / 'x.gguf'}", f"llama_cpp={llama_cpp}"], capsys)
+    assert err == "error: llama.cpp's converter does not support the architecture StrangeForCausalLM"
+
+
+def test_no_converter_and_a_failing_converter_are_one_line_errors(smol_llama_dir, tmp_path, capsys):
+    args = ["format=gguf", f"model={smol_llama_dir}", f"output={tmp_path / 'x.gguf'}"]
+    err = _error(args + [f"llama_cpp={tmp_path}"], capsys)
+    assert err == f"error: key 'llama_cpp': {tmp_path} has no convert_hf_to_gguf.py and gguf-py/ (a llama.cpp checkout)"
+    broken = tmp_path / "llama.cpp"
+    (broken / "gguf-py").mkdir(parents=True)
+    (broken / "convert_hf_to_gguf.py").write_text(
+        "import sys\nprint('INFO: loading')\nprint('Traceback (most recent call last):')\n"
+        "print('KeyError: rope_theta')\nsys.exit(1)\n")
+    err = _error(args + [f"llama_cpp={broken}"], capsys)
+    assert err == "error: llama.cpp's converter failed: KeyError: rope_theta"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp"]
+
+
+def test_not_enough_disk_is_refused_before_the_merge(demo_adapter, llama_cpp, tmp_path, capsys, monkeypatch):
+    import alpaca_lora.export
+
+    monkeypatch.setattr(alpaca_lora.export.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**8))
+    err = _error(["format=gguf", f"adapter={demo_adapter}", f"output={tmp_path / 'demo.gguf'}",
+                  f"llama_cpp={llama_cpp}"], capsys)
+    assert err.startswith(f"error: not enough disk space in {tmp_path}: the export needs about ")
+    assert err.endswith(" GB (merged model and GGUF), 0.1 GB are free")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- opt-in: llama.cpp itself (make test-llamacpp) -----------------------------------------------
+
+needs_llama_cpp = pytest.mark.skipif(os.environ.get("ALPACA_LORA_LLAMACPP") != "1",
+                                     reason="builds llama.cpp (tens of minutes): run `make test-llamacpp`")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_python(llama_cpp):
+    """llama-cpp-python built once from the converter's own sources (the wheel is cached) and installed here."""
+    from alpaca_lora.export import CONVERTER_VERSION
+
+    try:
+        import llama_cpp as module
+
+        if module.__version__ == CONVERTER_VERSION:
+            return module
+    except ImportError:
+        pass
+    wheels = llama_cpp.parents[2].parent / "wheels"
+    if not list(wheels.glob(f"llama_cpp_python-{CONVERTER_VERSION}-*.whl")):
+        print(f"\nbuilding llama-cpp-python {CONVERTER_VERSION} (compiles llama.cpp, once) into {wheels}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(fetch_sdist())],
+                       check=True)
+    wheel = next(wheels.glob(f"llama_cpp_python-{CONVERTER_VERSION}-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
+    import llama_cpp as module
+
+    return module
+
+
+@needs_llama_cpp
+def test_llama_cpp_generates_the_same_greedy_tokens_as_transformers(llama_cpp_python, merged_demo, llama_cpp,
+                                                                   tmp_path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    output = tmp_path / "demo.gguf"
+    assert main(["format=gguf", f"model={merged_demo}", f"output={output}", f"llama_cpp={llama_cpp}"]) == 0
+    tokenizer, template = load_tokenizer(str(merged_demo)), get_template("alpaca")
+    llm = llama_cpp_python.Llama(model_path=str(output), n_ctx=512, n_threads=2, verbose=False)
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
+                                    bos_token="<|im_start|>")
+    exported = load_gguf(output)
+    compared = 0
+    for instruction, text in PROMPTS + [("What is the capital of France?", ""), ("Add 17 and 25.", "")]:
+        prompt = template.format(instruction, text)
+        messages = [{"role": "system", "content": text}] if text else []
+        rendered = formatter(messages=messages + [{"role": "user", "content": instruction}]).prompt
+        assert rendered == prompt  # the GGUF's chat template, rendered by llama-cpp-python
+        ids = encode_prompt(tokenizer, prompt)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # the GGUF's tokenizer
+        want = exported.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        want = want[: want.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in want else want
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token == tokenizer.eos_token_id or len(got) == len(want):
+                break
+            got.append(token)
+        assert got == want
+        compared += len(got)
+    print(f"\nllama.cpp {llama_cpp_python.__version__}: {compared} greedy tokens over 4 prompts, all equal to "
+          f"transformers' on {output.name}")
