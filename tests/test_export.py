@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,6 +213,62 @@ def test_not_enough_disk_is_refused_before_the_merge(demo_adapter, llama_cpp, tm
     assert list(tmp_path.iterdir()) == []
 
 
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a primary colour."}],
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_transformers_serve_answers_like_this_projects_server(merged_demo, tmp_path):
+    """`transformers serve` applies the merged model's chat template: the training template travelled."""
+    import httpx
+    import openai
+    from test_serve import serving
+
+    from alpaca_lora.serve import ServeConfig
+
+    command = Path(sys.executable).with_name("transformers")
+    if not command.is_file():
+        pytest.skip(f"{command} (transformers' command line) is not installed")
+    ours = serving(ServeConfig(model=str(merged_demo), device="cpu", served_model_name="merged"))
+    client = openai.OpenAI(api_key="none", base_url=next(ours), max_retries=0)
+    port = _free_port()
+    log = (tmp_path / "transformers-serve.log").open("w")
+    process = subprocess.Popen([str(command), "serve", str(merged_demo), "--host", "127.0.0.1", "--port", str(port),
+                                "--device", "cpu", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        theirs = openai.OpenAI(api_key="none", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=300)
+        for _ in range(1200):  # until it listens (model loading takes a while on a busy CPU)
+            assert process.poll() is None, (tmp_path / "transformers-serve.log").read_text()[-2000:]
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        for messages in CHATS:
+            want = client.chat.completions.create(model="merged", messages=messages, temperature=0, max_tokens=24)
+            got = theirs.chat.completions.create(model=str(merged_demo), messages=messages, temperature=0,
+                                                 max_tokens=24)
+            assert got.usage.prompt_tokens == want.usage.prompt_tokens  # the same prompt, token for token
+            assert got.usage.completion_tokens == want.usage.completion_tokens
+            # this project's server strips the whitespace around a chat answer; transformers keeps it
+            assert got.choices[0].message.content.strip() == want.choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+        next(ours, None)  # stops this project's server
+
+
 # --- opt-in: llama.cpp itself (make test-llamacpp) -----------------------------------------------
 
 needs_llama_cpp = pytest.mark.skipif(os.environ.get("ALPACA_LORA_LLAMACPP") != "1",
@@ -230,13 +287,13 @@ def llama_cpp_python(llama_cpp):
             return module
     except ImportError:
         pass
-    wheels = llama_cpp.parents[2].parent / "wheels"
+    wheels = llama_cpp.parents[2] / "wheels"  # beside the sources, in the cache
     if not list(wheels.glob(f"llama_cpp_python-{CONVERTER_VERSION}-*.whl")):
         print(f"\nbuilding llama-cpp-python {CONVERTER_VERSION} (compiles llama.cpp, once) into {wheels}", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(fetch_sdist())],
                        check=True)
     wheel = next(wheels.glob(f"llama_cpp_python-{CONVERTER_VERSION}-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", str(wheel)], check=True)  # + diskcache
     import llama_cpp as module
 
     return module
