@@ -158,14 +158,12 @@ def export(cfg: ExportConfig) -> dict:
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:
-        model_dir = Path(cfg.model) if cfg.model else _base_dir(cfg, trained)
-        stage = _stage(model_dir, tokenizer, work / "vocab")
-        _convert(converter, stage, work / "vocab.gguf", cfg.outtype, vocab_only=True)  # architecture, tokenizer
-        _check_disk(model_dir, output.parent, cfg)
-        if cfg.adapter:
-            model_dir = _merge(cfg, work / "merged")
-        stage = _stage(model_dir, tokenizer, work / "model")
-        _convert(converter, stage, work / "model.gguf", cfg.outtype)
+        config = _config(cfg, trained)
+        _convert(converter, _stage(tokenizer, work / "vocab", config=config), work / "vocab.gguf", cfg.outtype,
+                 vocab_only=True)  # the converter knows the architecture and the tokenizer: worth merging
+        _check_disk(config, output.parent, cfg)
+        model_dir = _merge(cfg, work / "merged") if cfg.adapter else Path(cfg.model)
+        _convert(converter, _stage(tokenizer, work / "model", model_dir=model_dir), work / "model.gguf", cfg.outtype)
         summary = _check_gguf(work / "model.gguf", tokenizer)
         os.replace(work / "model.gguf", output)
     finally:
@@ -180,23 +178,32 @@ def _tokenizer(cfg: ExportConfig, template: PromptTemplate):
     return set_chat_template(load_tokenizer(cfg.adapter or cfg.model, cfg.trust_remote_code), template)
 
 
-def _base_dir(cfg: ExportConfig, trained: dict) -> Path:
+def _config(cfg: ExportConfig, trained: dict):
+    """The model's (or the adapter's base's) config: a hub id, a directory or a GGUF file, as for merging."""
+    from transformers import AutoConfig
+
     from alpaca_lora.model import resolve_model
 
-    adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
-    base = trained.get("model") or adapter_config.get("base_model_name_or_path")
-    path = Path(resolve_model(base)) if base else None
-    if path is None or not (path / "config.json").is_file():
-        raise ExportError(f"adapter {cfg.adapter}: its base model ({base}) is not a local directory; merge it first "
-                          "(alpaca_lora.merge) and export model=MERGED_DIR")
-    return path
+    source = cfg.model
+    if cfg.adapter:
+        adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+        source = trained.get("model") or adapter_config.get("base_model_name_or_path")
+        if not source:
+            raise ConfigError(f"key 'adapter': {cfg.adapter} does not name its base model")
+    try:
+        return AutoConfig.from_pretrained(resolve_model(source), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"model '{source}': cannot load its config: {str(exc).splitlines()[0]}") from None
 
 
-def _stage(model_dir: Path, tokenizer, stage: Path) -> Path:
-    """The directory the converter reads: the model's files (linked) with the tokenizer carrying the chat template."""
+def _stage(tokenizer, stage: Path, model_dir: Path | None = None, config=None) -> Path:
+    """The directory the converter reads: the tokenizer with the chat template, and the model's files (linked)
+    or, for a vocabulary-only run, its config."""
     stage.mkdir()
     tokenizer.save_pretrained(stage)
-    for source in model_dir.iterdir():
+    if config is not None:
+        config.save_pretrained(stage)
+    for source in model_dir.iterdir() if model_dir else []:
         if source.name not in TOKENIZER_FILES and not (stage / source.name).exists():
             (stage / source.name).symlink_to(source.resolve())
     return stage
@@ -237,24 +244,22 @@ def _conversion_failure(stage: Path, tail: list[str]) -> str:
     return f"llama.cpp's converter failed: {errors[-1].strip()}"
 
 
-def _weights(model_dir: Path) -> int:
+def _weights(config) -> int:
     """Parameter count, from the config on the meta device (no weights are loaded)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_disk(model_dir: Path, where: Path, cfg: ExportConfig) -> None:
+def _check_disk(config, where: Path, cfg: ExportConfig) -> None:
     """The merged model (when merging) and the GGUF both live beside the output for a while: refuse early."""
-    weights = _weights(model_dir)
+    weights = _weights(config)
     need = weights * OUTTYPES[cfg.outtype]
     if cfg.adapter:  # merged in the base's own dtype
-        config = json.loads((model_dir / "config.json").read_text())
-        need += weights * (4 if (config.get("dtype") or config.get("torch_dtype")) == "float32" else 2)
+        need += weights * (4 if str(getattr(config, "dtype", None)).endswith("float32") else 2)
     need *= 1.05
     free = shutil.disk_usage(where).free
     if free < need:

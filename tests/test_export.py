@@ -100,6 +100,19 @@ def load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
+def test_the_trained_adapter_and_the_merged_model_carry_the_training_template(fact_adapters, tmp_path):
+    from alpaca_lora.merge import main as merge
+
+    expected = chat_template(get_template("alpaca"), bos=True)  # the tiny tokenizer adds BOS itself
+    assert (fact_adapters[16] / "chat_template.jinja").read_text() == expected
+    assert merge([f"adapter={fact_adapters[16]}", f"output={tmp_path / 'merged'}"]) == 0
+    tokenizer = load_tokenizer(str(tmp_path / "merged"))
+    assert tokenizer.chat_template == expected
+    messages = [{"role": "user", "content": "What is the capital of Zorblax?"}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
+        encode_prompt(tokenizer, get_template("alpaca").format("What is the capital of Zorblax?"))
+
+
 def test_a_tiny_llama_reads_back_through_gguf_and_transformers(smol_llama_dir, llama_cpp, tmp_path, capsys):
     output = tmp_path / "out" / "smol.gguf"
     assert main(["format=gguf", f"model={smol_llama_dir}", f"output={output}", "template=alpaca_lora",
