@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("alpaca_lora.generate", "answer an instruction, chat in the terminal, or answer a whole file"),
     "app": ("alpaca_lora.app", "a Gradio page to try a model in the browser"),
     "serve": ("alpaca_lora.serve", "an OpenAI-compatible API server"),
+    "export": ("alpaca_lora.export", "a GGUF file for llama.cpp and Ollama, prompted as trained"),
 }
 DATA_MODES = ("generate", "regenerate", "clean")
 

@@ -34,6 +34,10 @@ class MergeError(UserError):
     """A merge that would be wrong or lose the adapter."""
 
 
+class ExportError(UserError):
+    """An export the converter cannot do, or that would not fit on the disk."""
+
+
 class EndpointError(UserError):
     """An OpenAI-compatible endpoint that refuses every request: authentication, permission or model name."""
 

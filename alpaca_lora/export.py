@@ -1,5 +1,5 @@
 """Export a fine-tuned model for llama.cpp and Ollama:
-``python -m alpaca_lora.export format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [outtype=f16|bf16|q8_0]``
+``alpaca-lora export format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [outtype=f16|bf16|q8_0]``
 
 An adapter is merged first (the verified merge of alpaca_lora.merge). The conversion is llama.cpp's own
 ``convert_hf_to_gguf.py``, from a llama.cpp checkout (``llama_cpp=PATH``) or from the pinned
@@ -34,12 +34,12 @@ from alpaca_lora.data.templates import (
     ollama_template,
     set_chat_template,
 )
-from alpaca_lora.errors import UserError, exit_on_user_error
-from alpaca_lora.inference import training_config
+from alpaca_lora.errors import ConfigError, ExportError
+from alpaca_lora.model_args import ModelArguments, model_checks, saved_model_layer
 from alpaca_lora.paths import atomic_write_text, cache_dir
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides, wants_help
+from alpaca_lora.settings import build, check, command_line, entry_point, help_text, key, peek
 
-TOOL = "alpaca_lora.export"
+TOOL = "export"
 # llama.cpp's converter comes from this source distribution (vendor/llama.cpp); its CHANGELOG names the commit.
 CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
@@ -51,42 +51,45 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 
 
-class ExportError(UserError):
-    pass
-
-
 @dataclass
-class ExportConfig:
+class ExportConfig(ModelArguments):
+    model: Optional[str] = key(None, "merged (or fully fine-tuned) model directory; with adapter=, its base "
+                                     "(default: the one the adapter was trained on)")
+    device: str = key("cpu", "cpu or cuda (where an adapter is merged)")
     format: str = key(MISSING, "gguf (llama.cpp, Ollama)")
     output: str = key(MISSING, "the .gguf file to write; an Ollama Modelfile is written beside it (FILE.Modelfile)")
-    adapter: Optional[str] = key(None, "adapter directory written by alpaca_lora.train: merged first")
-    model: Optional[str] = key(None, "merged or fully fine-tuned model directory (instead of adapter=)")
+    adapter: Optional[str] = key(None, "adapter directory written by training: merged first, as alpaca-lora merge does")
     outtype: str = key("f16", "weights in the GGUF: f16, bf16 or q8_0")
     llama_cpp: Optional[str] = key(None, "llama.cpp checkout with convert_hf_to_gguf.py (default: the one in "
                                          f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}'s sources, fetched once)")
-    template: Optional[str] = key(None, "prompt template (default: the one the model was trained with)")
-    dequantize: bool = key(False, "merge into the NF4-dequantized base QLoRA trained on (see alpaca_lora.merge)")
+    dequantize: bool = key(False, "merge into the NF4-dequantized base QLoRA trained on (see alpaca-lora merge)")
     overwrite: bool = key(False, "replace an existing output file and Modelfile")
-    trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
 
 
-def load_export_config(overrides: list[str]) -> ExportConfig:
-    cfg: ExportConfig = build(ExportConfig, [("command line", parse_overrides(overrides))], TOOL)
-    if cfg.format != "gguf":
-        raise ConfigError("key 'format' must be gguf")
-    if cfg.outtype not in OUTTYPES:
-        raise ConfigError(f"key 'outtype' must be one of {', '.join(OUTTYPES)}")
-    if not cfg.output.endswith(".gguf"):
-        raise ConfigError(f"key 'output': {cfg.output} must end in .gguf")
-    if bool(cfg.adapter) == bool(cfg.model):
-        raise ConfigError("set exactly one of 'adapter' (merged first) and 'model' (a merged model directory)")
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"key 'adapter': {cfg.adapter} has no adapter_config.json (a directory written by training)")
-    if cfg.model and not (Path(cfg.model) / "config.json").is_file():
-        raise ConfigError(f"key 'model': {cfg.model} has no config.json (a merged model directory)")
-    for path in (Path(cfg.output), modelfile_path(cfg.output)):
-        if path.exists() and not cfg.overwrite:
-            raise ConfigError(f"key 'output': {path} exists; choose another file or set overwrite=true")
+def load_export_config(argv: list[str]) -> ExportConfig:
+    """Built-in defaults <- the adapter's (or merged model's) saved model section <- the command line."""
+    adapter, model = peek(argv, "adapter"), peek(argv, "model")
+    directory = adapter or model
+    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
+    cfg: ExportConfig = build(ExportConfig, [*([saved] if saved else []), command_line(argv, ExportConfig)], TOOL)
+    output = Path(cfg.output)
+    check(model_checks(cfg) + [
+        (cfg.format == "gguf", "format", "must be gguf"),
+        (cfg.outtype in OUTTYPES, "outtype", f"must be one of {', '.join(OUTTYPES)}"),
+        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
+        (output.suffix == ".gguf", "output", f": {output} must end in .gguf"),
+        (cfg.adapter or cfg.model, "model", "or 'adapter' must be set (a merged model, or an adapter to merge first)"),
+        (not cfg.adapter or (Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
+         f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
+        (cfg.adapter or not cfg.model or (Path(cfg.model) / "config.json").is_file(), "model",
+         f": {cfg.model} has no config.json (a merged model directory)"),
+        *[(cfg.overwrite or not path.exists(), "output", f": {path} exists; choose another file or set overwrite=true")
+          for path in (output, modelfile_path(output))],
+    ])
+    if cfg.adapter and not cfg.model:
+        cfg.model = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not cfg.model:
+            raise ConfigError("key 'model' must be set: the adapter does not name its base model")
     return cfg
 
 
@@ -150,15 +153,14 @@ def export(cfg: ExportConfig) -> dict:
     if importlib.util.find_spec("sentencepiece") is None:
         raise ExportError("llama.cpp's converter needs the sentencepiece package: pip install sentencepiece")
     converter = converter_dir(cfg.llama_cpp)
-    trained = training_config(cfg.adapter or cfg.model)
-    template = get_template(cfg.template or trained.get("template") or "alpaca")
+    template = get_template(cfg.template)
     tokenizer = _tokenizer(cfg, template)
     output.parent.mkdir(parents=True, exist_ok=True)
     for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:
-        config = _config(cfg, trained)
+        config = _config(cfg)
         _convert(converter, _stage(tokenizer, work / "vocab", config=config), work / "vocab.gguf", cfg.outtype,
                  vocab_only=True)  # the converter knows the architecture and the tokenizer: worth merging
         _check_disk(config, output.parent, cfg)
@@ -178,22 +180,16 @@ def _tokenizer(cfg: ExportConfig, template: PromptTemplate):
     return set_chat_template(load_tokenizer(cfg.adapter or cfg.model, cfg.trust_remote_code), template)
 
 
-def _config(cfg: ExportConfig, trained: dict):
+def _config(cfg: ExportConfig):
     """The model's (or the adapter's base's) config: a hub id, a directory or a GGUF file, as for merging."""
     from transformers import AutoConfig
 
     from alpaca_lora.model import resolve_model
 
-    source = cfg.model
-    if cfg.adapter:
-        adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
-        source = trained.get("model") or adapter_config.get("base_model_name_or_path")
-        if not source:
-            raise ConfigError(f"key 'adapter': {cfg.adapter} does not name its base model")
     try:
-        return AutoConfig.from_pretrained(resolve_model(source), trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ExportError(f"model '{source}': cannot load its config: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"model '{cfg.model}': cannot load its config: {str(exc).splitlines()[0]}") from None
 
 
 def _stage(tokenizer, stage: Path, model_dir: Path | None = None, config=None) -> Path:
@@ -268,10 +264,12 @@ def _check_disk(config, where: Path, cfg: ExportConfig) -> None:
 
 
 def _merge(cfg: ExportConfig, target: Path) -> Path:
-    from alpaca_lora.merge import MergeConfig, merge
+    from alpaca_lora.merge import load_merge_config, merge
 
-    report = merge(MergeConfig(adapter=cfg.adapter, output=str(target), dequantize=cfg.dequantize,
-                               trust_remote_code=cfg.trust_remote_code))
+    report = merge(load_merge_config([f"adapter={cfg.adapter}", f"output={target}", f"model={cfg.model}",
+                                      f"template={cfg.template}", f"device={cfg.device}",
+                                      f"dequantize={str(cfg.dequantize).lower()}",
+                                      f"trust_remote_code={str(cfg.trust_remote_code).lower()}"]))
     print(f"merged {cfg.adapter} into {report['base']} ({report['dtype']}); verified: relative logit difference "
           f"{report['relative_difference']:.1e} (tolerance {report['tolerance']:g})", flush=True)
     return target
@@ -305,19 +303,19 @@ def modelfile(output: Path, template: PromptTemplate, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, TOOL, "format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [key=value ...]", ExportConfig):
-        return 0
-    with exit_on_user_error():
-        cfg = load_export_config(argv)
-        summary = export(cfg)
+def run(cfg: ExportConfig) -> int:
+    summary = export(cfg)
     print(f"wrote {summary['output']} ({summary['architecture']}, {summary['tensors']} tensors, {cfg.outtype}, "
           f"{summary['bytes'] / 1e6:.0f} MB; chat template: {summary['template']}; EOS id {summary['eos_token_id']}) "
           f"and {summary['modelfile']}")
     print(f"run it: ollama create {Path(cfg.output).stem} -f {summary['modelfile']}  |  "
           f"llama-cli -m {summary['output']}  |  llama-server -m {summary['output']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    usage = "format=gguf (adapter=DIR | model=DIR) output=FILE.gguf [outtype=f16|bf16|q8_0] [key=value ...]"
+    return entry_point(argv, lambda: help_text(TOOL, usage, ExportConfig), load_export_config, run) or 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import chat_template, get_template, ollama_template
-from alpaca_lora.export import ExportError, converter_dir, fetch_sdist, main
+from alpaca_lora.errors import ExportError
+from alpaca_lora.export import converter_dir, fetch_sdist, main
 from alpaca_lora.model import load_tokenizer
 
 # f16 rounds every weight once: the GGUF's logits may differ from the float32 model's by this much,
@@ -247,12 +248,13 @@ def test_transformers_serve_answers_like_this_projects_server(merged_demo, tmp_p
     import openai
     from test_serve import serving
 
+    from alpaca_lora.inference import inference_settings
     from alpaca_lora.serve import ServeConfig
 
     command = Path(sys.executable).with_name("transformers")
     if not command.is_file():
         pytest.skip(f"{command} (transformers' command line) is not installed")
-    ours = serving(ServeConfig(model=str(merged_demo), device="cpu", served_model_name="merged"))
+    ours = serving(inference_settings(ServeConfig, model=str(merged_demo), device="cpu", served_model_name="merged"))
     client = openai.OpenAI(api_key="none", base_url=next(ours), max_retries=0)
     port = _free_port()
     log = (tmp_path / "transformers-serve.log").open("w")
