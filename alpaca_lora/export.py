@@ -132,8 +132,8 @@ def fetch_sdist() -> Path:
     sdist = cache / f"llama_cpp_python-{CONVERTER_VERSION}.tar.gz"
     if sdist.is_file():
         return sdist
-    print(f"fetching llama.cpp's converter: {CONVERTER_PACKAGE}=={CONVERTER_VERSION} (source, once) into {cache}",
-          flush=True)
+    print(f"fetching llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}): {CONVERTER_PACKAGE}=={CONVERTER_VERSION} "
+          f"(source, once) into {cache}", flush=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         requirement = Path(tmp) / "requirement.txt"
         requirement.write_text(f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION} --hash=sha256:{CONVERTER_SHA256}\n")
