@@ -40,12 +40,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yields a hidden temporary directory beside ``target``, renamed into place when the block ends
     well and removed when it does not, so ``target`` is never half-written. An existing ``target`` is
-    replaced only with ``replace``; leftovers of a write that was killed are removed first."""
+    replaced only with ``replace``; leftovers of a writer that was killed are removed first (the
+    temporary directory's name carries its writer's process id)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        if not _alive(stale.name.removeprefix(f".{target.name}.partial-").split("-", 1)[0]):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed writer's; a live one's is left alone
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{os.getpid()}-"))
     try:
         yield tmp
         if target.exists():
@@ -60,3 +62,16 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process that made a temporary directory still runs (on this machine)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
