@@ -52,6 +52,7 @@ def test_lora_on_two_cpu_ranks_from_one_command(tmp_path, tiny_model_dir):
     assert log.count("[alpaca-lora] adapter:") == 1  # exactly one rank writes the outputs
     assert log.count("[alpaca-lora] data:") == 1 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["train_loss"] > 0
+    assert (tmp_path / "out" / "checkpoint-4" / "training_config.yaml").is_file()  # sealed once both ranks wrote
 
 
 def test_full_fsdp_recipe_launches_and_writes_one_consolidated_model(tmp_path, tiny_model_dir):
