@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from alpaca_lora import launcher
+from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP
 from alpaca_lora.errors import ConfigError, UserError
 from alpaca_lora.model_args import (
     ModelArguments,
@@ -48,6 +49,7 @@ class TrainConfig(ModelArguments):
     finetune: str = key("lora", "lora (adapters on a frozen base) or full (every parameter, no adapters)")
     data: str = key("tatsu-lab/alpaca", "data: .json/.jsonl file, http(s) URL, hub dataset id, or builtin:NAME")
     columns: Dict[str, str] = key({}, "map our fields to the data's, e.g. columns.output=response")
+    max_download_bytes: int = key(MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP)
     output_dir: str = key("outputs/qlora", "where the adapter, checkpoints, training_config.yaml, metrics.json, "
                                            "loss.png go")
     max_steps: int = key(-1, "stop after this many optimizer steps (-1: run num_epochs)")
@@ -157,6 +159,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.finetune == "lora" or cfg.quant.bits == 16, "quant.bits",
          "must be 16 with finetune=full (quantized weights cannot be trained)"),
         (cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
+        (cfg.max_download_bytes >= 1, "max_download_bytes", "must be at least 1"),
     ]
     from trl import SFTConfig
 

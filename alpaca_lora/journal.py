@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from alpaca_lora.errors import DataError
-from alpaca_lora.jsonfiles import parse_json_lines
+from alpaca_lora.jsonfiles import decode, parse_json_lines
 
 
 class Journal:
@@ -24,7 +24,8 @@ class Journal:
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         entries = []
-        lines = parse_json_lines(complete.decode("utf-8"), str(self.path), "; the journal was edited or is not ours")
+        lines = parse_json_lines(decode(complete, str(self.path)), str(self.path),
+                                 "; the journal was edited or is not ours")
         for number, entry in lines:
             if not isinstance(entry, dict) or self.required not in entry:
                 raise DataError(f"{self.path}: line {number}: field '{self.required}' is missing; "

@@ -83,7 +83,7 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     from alpaca_lora.model import load_tokenizer, resolve_model
 
     template = get_template(cfg.template)
-    data = load_records(cfg.data, cfg.columns)
+    data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes)
     train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model(cfg.model)

@@ -1,8 +1,9 @@
 """Loading and validating Alpaca-format records, before any model is loaded.
 
 A source is a local ``.json`` (a list of records) or ``.jsonl`` file, an http(s) URL (downloaded
-once into the cache), ``builtin:NAME`` (a set this package generates), or a Hugging Face dataset
-id such as ``tatsu-lab/alpaca``. Every record comes out as ``{instruction, input, output}``.
+once into the cache, and only once it has been read and validated), ``builtin:NAME`` (a set this
+package generates), or a Hugging Face dataset id such as ``tatsu-lab/alpaca``. Every record comes
+out as ``{instruction, input, output}``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -22,6 +23,11 @@ from alpaca_lora.jsonfiles import parse_json, parse_json_lines, read_text
 from alpaca_lora.paths import cache_dir
 
 FIELDS = ("instruction", "input", "output")
+# Far above any instruction data set served as one file (Stanford's alpaca_data.json is 22 MB), far
+# below what would exhaust memory when parsed; max_download_bytes= raises it.
+MAX_DOWNLOAD_BYTES = 1 << 30
+MAX_DOWNLOAD_HELP = "largest file an http(s) URL may download, in bytes; past it the download stops, nothing cached"
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,7 +38,7 @@ class LoadedData:
 
 
 def load_records(source: str, columns: dict[str, str] | None = None, allow_empty: bool = False,
-                 need_output: bool = True) -> LoadedData:
+                 need_output: bool = True, max_download_bytes: int = MAX_DOWNLOAD_BYTES) -> LoadedData:
     """Reads, maps, validates and de-duplicates one source; raises :class:`DataError` on the first bad record.
 
     ``columns`` maps our field names to the source's, e.g. ``{"output": "response"}``. Empty
@@ -40,8 +46,11 @@ def load_records(source: str, columns: dict[str, str] | None = None, allow_empty
     without ``need_output`` (prompts to generate for) a missing output is read as empty.
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS}
-    label, raw = _read_source(source)
-    records = [_validate(record, where, label, columns, allow_empty, need_output) for where, record in raw]
+
+    def validated(raw: Iterable[tuple[str, Any]], label: str) -> list[dict[str, str]]:
+        return [_validate(record, where, label, columns, allow_empty, need_output) for where, record in raw]
+
+    label, records = _read_source(source, validated, max_download_bytes)
     seen: set[tuple[str, ...]] = set()
     unique = []
     for record in records:
@@ -52,8 +61,10 @@ def load_records(source: str, columns: dict[str, str] | None = None, allow_empty
     return LoadedData(records=unique, source=label, duplicates_dropped=len(records) - len(unique))
 
 
-def _read_source(source: str) -> tuple[str, Iterable[tuple[str, Any]]]:
-    """Returns a label for messages and (location, record) pairs."""
+def _read_source(source: str, validated: Callable[[Iterable[tuple[str, Any]], str], T],
+                 max_download_bytes: int) -> tuple[str, T]:
+    """A label for messages, and the source's (location, record) pairs passed through ``validated``
+    (inside the download, so that a file with a bad record never enters the cache)."""
     if source.startswith("builtin:"):
         from alpaca_lora.data.builtin import builtin_dataset
 
@@ -62,16 +73,16 @@ def _read_source(source: str) -> tuple[str, Iterable[tuple[str, Any]]]:
             records = builtin_dataset(name)
         except KeyError as exc:
             raise DataError(f"{source}: {exc.args[0]}") from None
-        return source, ((f"record [{i}]", r) for i, r in enumerate(records))
+        return source, validated(((f"record [{i}]", r) for i, r in enumerate(records)), source)
     if source.startswith(("http://", "https://")):
-        path = download(source)
-        return source, _read_file(path, label=source)
+        return source, download(source, lambda path, label: validated(_read_file(path, label), label),
+                                max_download_bytes)
     path = Path(source).expanduser()
     if path.is_file():
-        return str(path), _read_file(path, label=str(path))
+        return str(path), validated(_read_file(path, label=str(path)), str(path))
     if path.suffix in {".json", ".jsonl"} or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
-    return source, _read_hub_dataset(source)
+    return source, validated(_read_hub_dataset(source), source)
 
 
 def _read_file(path: Path, label: str) -> list[tuple[str, Any]]:
@@ -116,22 +127,61 @@ def _validate(record: Any, where: str, label: str, columns: dict[str, str], allo
     return clean
 
 
-def download(url: str) -> Path:
-    """Downloads ``url`` once into the cache (atomically) and returns the local path."""
-    name = Path(url.split("?", 1)[0]).name or "data"
-    target = cache_dir("downloads") / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+def download(url: str, read: Callable[[Path, str], T], max_bytes: int = MAX_DOWNLOAD_BYTES) -> T:
+    """``read(path, label)`` of ``url``'s file in the cache, downloaded first if it is not there yet.
+
+    The download streams to a temporary file beside the cache (with a progress bar), stops past
+    ``max_bytes``, and is read (parsed and validated) before it is renamed into the cache: a login
+    page, a cut transfer or a file with a bad record never enters it, and the next attempt downloads
+    again. An error about a file already in the cache names it (a file that changed at its source is
+    downloaded again once its cached copy is deleted).
+    """
+    target = download_path(url)
     if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        try:
+            return read(target, f"{url} (cached as {target})")
+        except DataError as exc:
+            raise DataError(f"{exc}; if the file at the URL has changed since, delete the cached copy to "
+                            "download it again") from None
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=f"-{target.name}")
+    tmp = Path(tmp)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
+            _stream(url, out, max_bytes, target.name.partition("-")[2])
+        with tmp.open("rb") as f:
+            if f.read(512).lstrip()[:1] == b"<":
+                raise DataError(f"{url}: the server sent an HTML page (a login or error page?), not data; "
+                                "nothing was cached")
+        try:
+            result = read(tmp, url)
+        except DataError as exc:
+            raise DataError(f"{exc}; nothing was cached") from None
+        os.replace(tmp, target)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download_path(url: str) -> Path:
+    """Where ``url``'s file is cached: its name, after a hash of the whole URL."""
+    name = Path(url.split("?", 1)[0]).name or "data"
+    return cache_dir("downloads") / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+
+
+def _stream(url: str, out, max_bytes: int, name: str) -> None:
+    advice = "nothing was cached (raise max_download_bytes to download it)"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            if total and total > max_bytes:
+                raise DataError(f"{url}: {total} bytes, more than max_download_bytes={max_bytes}; {advice}")
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
                 while chunk := response.read(1 << 20):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise DataError(f"{url}: more than max_download_bytes={max_bytes}; stopped, {advice}")
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp, target)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f"{url}: download failed: {exc}") from None
-    return target

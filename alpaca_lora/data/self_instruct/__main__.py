@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def ask_teacher(cfg: BuilderConfig) -> int:
     if cfg.mode == "generate":
-        seeds = load_seed_tasks(cfg.seed_tasks)
+        seeds = load_seed_tasks(cfg.seed_tasks, cfg.max_download_bytes)
         if len(seeds) < cfg.prompt_tasks:
             raise UserError(f"{cfg.seed_tasks}: {len(seeds)} seed tasks, fewer than prompt_tasks={cfg.prompt_tasks}")
         job = GenerateJob(seeds, _read_prompt(cfg.prompt_file), cfg.prompt_tasks, cfg.target, cfg.similarity, cfg.seed)
     else:
-        data = load_records(cfg.input)
+        data = load_records(cfg.input, max_download_bytes=cfg.max_download_bytes)
         job = RegenerateJob(data.records, get_template(cfg.template), data.source)
     price = price_per_million(cfg.model, cfg.prices, cfg.price_input, cfg.price_output)
     if cfg.max_cost is not None and price is None:
@@ -89,7 +89,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
 
 
 def clean(cfg: BuilderConfig) -> int:
-    data = load_records(cfg.input, allow_empty=True)
+    data = load_records(cfg.input, allow_empty=True, max_download_bytes=cfg.max_download_bytes)
     report = clean_records(data.records, duplicates_already_dropped=data.duplicates_dropped)
     atomic_write_text(cfg.output_path, json.dumps(report.kept, indent=2, ensure_ascii=False) + "\n")
     report_path = cfg.output_path.with_name(cfg.output_path.stem + ".clean_report.json")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP
 from alpaca_lora.data.self_instruct.tasks import STANFORD_SEED_TASKS
 from alpaca_lora.settings import build, check, command_line, key
 
@@ -51,6 +52,7 @@ class BuilderConfig:
     max_retries: int = key(5, "retries per request for 429, 5xx, timeouts and dropped connections "
                               "(backoff with jitter)")
     seed: int = key(0, "seed for the choice of example tasks (request N always shows the same ones)")
+    max_download_bytes: int = key(MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP)
 
     @property
     def output_path(self) -> Path:
@@ -90,6 +92,7 @@ def load_builder_config(overrides: list[str]) -> BuilderConfig:
         (0.0 <= cfg.similarity <= 1.0, "similarity", "must be between 0 and 1"),
         (cfg.timeout > 0, "timeout", "must be positive"),
         (cfg.max_retries >= 0, "max_retries", "must be 0 or more"),
+        (cfg.max_download_bytes >= 1, "max_download_bytes", "must be at least 1"),
     ])
     return cfg
 

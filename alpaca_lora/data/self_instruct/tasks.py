@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca_lora.data.loading import download
+from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, download
 from alpaca_lora.errors import DataError
 from alpaca_lora.jsonfiles import parse_json_lines, read_text
 
@@ -51,9 +51,14 @@ class Parsed:
     discarded: Counter = field(default_factory=Counter)
 
 
-def load_seed_tasks(source: str) -> list[dict[str, str]]:
+def load_seed_tasks(source: str, max_download_bytes: int = MAX_DOWNLOAD_BYTES) -> list[dict[str, str]]:
     """Self-Instruct's seed tasks (JSONL, path or URL) as records: each task's first instance."""
-    path = download(source) if source.startswith(("http://", "https://")) else Path(source).expanduser()
+    if source.startswith(("http://", "https://")):
+        return download(source, _read_seed_tasks, max_download_bytes)
+    return _read_seed_tasks(Path(source).expanduser(), source)
+
+
+def _read_seed_tasks(path: Path, source: str) -> list[dict[str, str]]:
     seeds = []
     for number, task in parse_json_lines(read_text(path, source), source):
         instances = task.get("instances") if isinstance(task, dict) else None
