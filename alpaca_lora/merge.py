@@ -71,15 +71,35 @@ def load_merge_config(argv: list[str]) -> MergeConfig:
         (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
         ((Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
          f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
-        (not Path(cfg.output).exists() or cfg.overwrite, "output",
-         f": {cfg.output} exists; choose another directory or set overwrite=true"),
     ])
     if not cfg.model:
         adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
         cfg.model = adapter_config.get("base_model_name_or_path")
     if not cfg.model:
         raise ConfigError("key 'model' must be set: the adapter does not name its base model")
+    check(_inputs_the_output_would_destroy(cfg) or [
+        (not Path(cfg.output).exists() or cfg.overwrite, "output",
+         f": {cfg.output} exists; choose another directory or set overwrite=true"),
+    ])
     return cfg
+
+
+def _inputs_the_output_would_destroy(cfg: MergeConfig) -> list[tuple[bool, str, str]]:
+    """The output is written in a temporary directory beside it and renamed into place, replacing
+    what was there: it must be neither the adapter nor the base, nor inside or around either of them,
+    however the paths are spelled (symlinks resolved)."""
+    output = Path(cfg.output).expanduser().resolve()
+    problems = []
+    for role, spec in (("adapter", cfg.adapter), ("base model", cfg.model)):
+        if not Path(spec).expanduser().exists():
+            continue  # a hub id: its files are in the Hugging Face cache, not at a path of the user's
+        path = Path(spec).expanduser().resolve()
+        relation = "is the" if output == path else "is inside the" if output.is_relative_to(path) else \
+            "contains the" if path.is_relative_to(output) else None
+        if relation:
+            problems.append((False, "output", f": {cfg.output} {relation} {role} {spec}: the merge would destroy "
+                                              "it (overwrite=true does not change this); choose another directory"))
+    return problems
 
 
 def merge(cfg: MergeConfig) -> dict:

@@ -38,7 +38,36 @@ def resolve_model(spec: str) -> str:
         return str(convert_gguf(path))
     if spec.startswith((".", "/", "~")) and not path.exists():
         raise ModelError(f"model '{spec}': no such directory")
+    _require_available(spec)
     return spec
+
+
+def _require_available(spec: str) -> None:
+    """A hub id must be in the Hugging Face cache or on a reachable hub: else one line here, not
+    transformers' OSError traceback later. Nothing is downloaded (``from_pretrained`` does that)."""
+    if Path(spec).expanduser().exists():
+        return
+    from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        snapshot_download(spec, local_files_only=True)
+        return  # in the cache
+    except Exception:  # not cached, or not a valid id: the hub says which below
+        pass
+    if is_offline_mode():
+        reason = "not in the Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the hub off"
+    else:
+        try:
+            HfApi().auth_check(spec)
+            return
+        except GatedRepoError:
+            reason = "gated on the hub: accept its terms there and set HF_TOKEN"
+        except RepositoryNotFoundError:
+            reason = "no such model on the hub (or a private one: set HF_TOKEN)"
+        except Exception as exc:  # no network, or an id the hub rejects
+            reason = f"not in the Hugging Face cache, and the hub cannot be reached ({str(exc).splitlines()[0]})"
+    raise ModelError(f"model '{spec}': neither on disk nor reachable (not a local path; {reason})")
 
 
 def _sha256(path: Path) -> str:
@@ -75,6 +104,7 @@ def convert_gguf(path: Path) -> Path:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer with a pad token (falling back to EOS; labels still keep EOS, see data.examples)."""
+    _require_available(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -90,6 +120,7 @@ def load_model(path: str, args: ModelArguments, device: str, dtype: str | None =
 
     ``sharded`` (FSDP) leaves placement to FSDP; otherwise each process loads onto its own GPU.
     """
+    _require_available(path)
     quantization = quantization_config(args, device, sharded)
     kwargs = {"dtype": DTYPES[dtype or compute_dtype(args, device)], "trust_remote_code": args.trust_remote_code}
     if quantization is not None:
@@ -98,7 +129,10 @@ def load_model(path: str, args: ModelArguments, device: str, dtype: str | None =
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     elif quantization is not None and device == "cpu":
         kwargs["device_map"] = {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:  # a directory without weights or config.json, a file the hub does not have
+        raise ModelError(f"model '{path}': cannot load it: {str(exc).splitlines()[0]}") from None
 
 
 def train_adapters_in_float32(model) -> None:

@@ -44,5 +44,13 @@ def test_bad_model_specs_are_one_line_errors(spec, message):
         resolve_model(spec)
 
 
-def test_hub_ids_pass_through_untouched():
-    assert resolve_model("huggyllama/llama-7b") == "huggyllama/llama-7b"
+def test_hub_ids_in_the_hugging_face_cache_pass_through_untouched(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # as HF_HUB_CACHE sets it
+    repo = tmp_path / "hub" / "models--huggyllama--llama-7b"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert resolve_model("huggyllama/llama-7b") == "huggyllama/llama-7b"  # offline (conftest), from the cache
