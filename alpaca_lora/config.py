@@ -63,7 +63,11 @@ class TrainConfig(ModelArguments):
     train_on_inputs: bool = key(False, "also train on the prompt (alpaca-lora's default); false masks it (Stanford)")
     val_set_size: float = key(0.0, "validation split: a fraction (<1) or a number of rows (>=1); 0 for none")
     seed: int = key(42, "seed for the split, shuffling and LoRA initialisation")
-    resume_from_checkpoint: Optional[str] = key(None, "true: newest checkpoint in output_dir; or a checkpoint path")
+    resume_from_checkpoint: Optional[str] = key(None, "true: newest complete checkpoint in output_dir; or a "
+                                                      "checkpoint path (it must come from a run with the same "
+                                                      "model, data and LoRA settings)")
+    overwrite: bool = key(False, "replace the run already in output_dir (its checkpoints, weights and metrics); "
+                                 "without it, or resume_from_checkpoint, a second run there is refused")
     dry_run: bool = key(False, "print the resolved configuration (with the derived SFTConfig) and exit")
     optim: str = key("paged_adamw_32bit", "optimizer name as transformers knows it")
     lr_scheduler: str = key("constant", "learning-rate schedule (transformers' lr_scheduler_type)")
@@ -88,6 +92,10 @@ class TrainConfig(ModelArguments):
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter settings"})
     sft: Dict[str, Any] = key({}, "extra SFTConfig fields by their Hugging Face names, "
                                   "e.g. sft.logging_first_step=true")
+
+    @property
+    def resuming(self) -> bool:
+        return (self.resume_from_checkpoint or "").lower() not in {"", "false", "none"}
 
 
 def recipe_path(name: str, relative_to: Path | None = None) -> Path:
@@ -160,6 +168,8 @@ def validate(cfg: TrainConfig) -> None:
          "must be 16 with finetune=full (quantized weights cannot be trained)"),
         (cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
         (cfg.max_download_bytes >= 1, "max_download_bytes", "must be at least 1"),
+        (not (cfg.overwrite and cfg.resuming), "overwrite",
+         "cannot go with resume_from_checkpoint (resuming keeps the run in output_dir, overwrite replaces it)"),
     ]
     from trl import SFTConfig
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,8 @@ from alpaca_lora.config import (
 from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
-from alpaca_lora.errors import ConfigError
+from alpaca_lora.errors import ConfigError, DataError
 from alpaca_lora.logs import EVERY_RANK, get_logger
-from alpaca_lora.model_args import SAVED_CONFIG
 from alpaca_lora.paths import atomic_write_text
 from alpaca_lora.settings import entry_point
 
@@ -67,10 +65,12 @@ class TrainResult:
 
 def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> TrainResult:
     """The whole run; ``callbacks`` are transformers ``TrainerCallback``s (progress hooks, tests)."""
+    from alpaca_lora.checkpoints import SealCheckpoints
+
     data = setup_data(cfg)
     args = setup_run(cfg, runtime, data)
     model = setup_model(cfg, runtime, data.model_path)
-    trainer = setup_trainer(cfg, runtime, data, model, args, callbacks)
+    trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
     scored = data.val_records[: cfg.exact_match_eval]
     before = _exact_match(trainer.model, data, scored, "before training")
     result = trainer.train(resume_from_checkpoint=data.checkpoint)
@@ -79,12 +79,17 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
 
 
 def setup_data(cfg: TrainConfig) -> PreparedData:
-    """Records loaded, validated, split and tokenized exactly as generation will prompt them."""
+    """Records loaded, validated, split and tokenized exactly as generation will prompt them (and the
+    output directory and the checkpoint to resume from checked)."""
+    from alpaca_lora.checkpoints import check_output_dir, find_checkpoint
     from alpaca_lora.model import load_tokenizer, resolve_model
 
     template = get_template(cfg.template)
     data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes)
+    if not data.records:
+        raise DataError(f"{data.source}: no records to train on")
     train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
+    check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template)  # saved with the weights
@@ -93,6 +98,11 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     summary = summarize(data.records, {k: stats[k] + val_stats[k] for k in stats}, data.duplicates_dropped,
                         cfg.max_length, cfg.truncation)
     logger.info(f"data: {data.source}: " + "; ".join(summary.lines()))
+    if len(train_set) == 0:
+        raise DataError(f"{data.source}: no usable example: all {len(train_records)} training records are over "
+                        f"max_length={cfg.max_length} tokens ({stats['dropped']} prompts alone too long, "
+                        f"{stats['dropped_too_long']} dropped with truncation={cfg.truncation}); raise max_length "
+                        "or shorten the records")
     logger.info(f"split: {len(train_set)} train, {len(val_set)} validation examples")
     return PreparedData(template, tokenizer, model_path, train_set, val_set, val_records, summary, checkpoint)
 
@@ -103,10 +113,10 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
     import torch
     from trl import SFTConfig
 
+    from alpaca_lora.checkpoints import claim_output_dir
+
     if runtime.notes:
         logger.info(f"no GPU: training on CPU with {', '.join(runtime.notes)}")
-    if launcher.rank() == 0:
-        atomic_write_text(Path(cfg.output_dir) / SAVED_CONFIG, resolved_yaml(cfg, runtime, data.has_eval))
     if runtime.world_size > 1:
         every_rank.info(f"rank {launcher.rank()} of {runtime.world_size}: global batch {cfg.batch_size} = micro "
                         f"batch {cfg.micro_batch_size} x accumulation {runtime.gradient_accumulation_steps(cfg)} x "
@@ -115,6 +125,7 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
         args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
     except ValueError as exc:
         raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
+    claim_output_dir(cfg, resolved_yaml(cfg, runtime, data.has_eval))  # after SFTConfig: the ranks can meet
     if runtime.device == "cuda":
         from alpaca_lora.plan import check_memory
 
@@ -201,23 +212,6 @@ def _exact_match(model, data: PreparedData, records: list[dict], label: str):
     from alpaca_lora.evaluate.exact_match import exact_match
 
     return exact_match(model, data.tokenizer, data.template, records, label) if records else None
-
-
-def find_checkpoint(cfg: TrainConfig) -> str | None:
-    """``resume_from_checkpoint``: true means the newest checkpoint in ``output_dir``; else a path."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    value = cfg.resume_from_checkpoint
-    if value is None or value.lower() in {"false", "none", ""}:
-        return None
-    if value.lower() in {"true", "latest"}:
-        found = get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
-        if found is None:
-            raise ConfigError(f"key 'resume_from_checkpoint' is true but {cfg.output_dir} holds no checkpoint-* yet")
-        return found
-    if not os.path.isdir(value):
-        raise ConfigError(f"key 'resume_from_checkpoint': no checkpoint directory {value}")
-    return value
 
 
 def load_callbacks(paths: list[str]) -> list:

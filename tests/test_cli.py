@@ -163,7 +163,7 @@ LAYERS = [
     ["errors", "paths", "logs", "jsonfiles", "settings", "journal", "plots"],
     ["data", "architectures", "model_args", "launcher", "endpoint", "adapter"],
     ["model", "config", "data.self_instruct"],
-    ["plan", "inference", "engine"],
+    ["plan", "inference", "engine", "checkpoints"],
     ["train", "merge", "generate", "app", "serve", "evaluate", "export"],
     ["cli"],
 ]
