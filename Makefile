@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(OFFLINE) $(VENV)/bin/alpaca-lora train recipe=demo
+	$(OFFLINE) $(VENV)/bin/alpaca-lora train recipe=demo overwrite=true  # a rerun replaces the last demo
 
 # Test tools from Debian, installed where we may (root with apt-get), otherwise the tests that need them
 # skip and say why: Chromium (the browser tests drive it through Playwright) and Go (its text/template
