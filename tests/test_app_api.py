@@ -1,0 +1,41 @@
+"""The app's programmatic API: ``gradio_client`` drives the generate endpoint (nothing in the page's
+state may be unpicklable), and the upload route of a page that takes no files is closed."""
+
+import socket
+
+import httpx
+import pytest
+from conftest import FACT
+
+from alpaca_lora.app import build_page
+from alpaca_lora.inference import ModelSettings, load_for_inference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(fact_adapters):
+    page = build_page(load_for_inference(ModelSettings(adapter=str(fact_adapters[16]))))
+    port = free_port()
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def test_gradio_client_drives_the_generate_endpoint(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    response, prompt = client.predict(FACT["instruction"], "", "greedy", 0.7, 0.9, 40, 4, 20, api_name="/generate")
+    assert response == FACT["output"] and FACT["instruction"] in prompt
+    job = client.submit("Tell me a story.", "", "sample", 1.5, 0.9, 40, 4, 8, api_name="/generate")
+    assert isinstance(job.result()[0], str)
+
+
+def test_the_upload_route_is_closed(app_url):
+    reply = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("a.txt", b"x" * 1_000_000)})
+    assert reply.status_code == 403
