@@ -2,18 +2,24 @@
 
 Instruction and input boxes, decoding controls that take effect (only the ones the chosen mode
 uses can be changed), streamed output, a stop button, example prompts, and the exact prompt the
-model was sent. Binds 127.0.0.1; ``share=true`` and basic auth (``auth_env=NAME``, a variable
-holding ``user:password``) are opt-in.
+model was sent. Visitors share the model through the generation engine (their requests are batched
+together); the ``generate`` endpoint also serves ``gradio_client``. The app takes no files, so
+Gradio's upload route is closed. Binds 127.0.0.1; ``share=true`` and basic auth (``auth_env=NAME``,
+a variable holding ``user:password``) are opt-in.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Optional
 
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+
+from alpaca_lora.engine import EngineSettings, QueueFull
 from alpaca_lora.errors import ConfigError
 from alpaca_lora.inference import (
     Decoding,
@@ -23,7 +29,7 @@ from alpaca_lora.inference import (
     load_for_inference,
     load_inference_settings,
 )
-from alpaca_lora.settings import entry_point, help_text, key
+from alpaca_lora.settings import check, entry_point, help_text, key
 
 TOOL = "app"
 EXAMPLES = [
@@ -35,16 +41,17 @@ EXAMPLES = [
 
 
 @dataclass
-class AppConfig(InferenceModel):
+class AppConfig(InferenceModel, EngineSettings):
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the page to the network)")
     port: int = key(7860, "port")
     share: bool = key(False, "also publish a temporary public gradio.live link")
     auth_env: Optional[str] = key(None, "name of an environment variable holding user:password for basic auth")
 
 
-def respond(loaded: LoadedModel, instruction: str, input_text: str, mode: str, temperature: float, top_p: float,
-            top_k: int, num_beams: int, max_new_tokens: int, cancel: threading.Event):
-    """Yields (response so far, exact prompt). Only the chosen mode's settings reach the model."""
+async def respond(loaded: LoadedModel, instruction: str, input_text: str, mode: str, temperature: float,
+                  top_p: float, top_k: int, num_beams: int, max_new_tokens: int):
+    """Yields (response so far, exact prompt). Only the chosen mode's settings reach the model. Stop
+    (or a visitor who leaves) cancels the task, and with it the generation, at once."""
     if not instruction.strip():
         yield "", ""
         return
@@ -53,20 +60,45 @@ def respond(loaded: LoadedModel, instruction: str, input_text: str, mode: str, t
     decoding = Decoding(decoding=mode, max_new_tokens=int(max_new_tokens), **settings)
     decoding.validate()
     prompt = loaded.prompt(instruction.strip(), input_text.strip())
-    cancel.clear()
     text = ""
     yield text, prompt
-    for piece in Generation(loaded, prompt, decoding, cancel=cancel):
-        text += piece
-        yield text, prompt
+    async with aclosing(Generation(loaded, prompt, decoding).__aiter__()) as pieces:
+        async for piece in pieces:
+            text += piece
+            yield text, prompt
 
 
-def build_page(loaded: LoadedModel):
+class NoUploads:
+    """ASGI middleware: the page takes no files, so Gradio's upload route answers 403 instead of storing them."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/upload"):
+            return await JSONResponse({"detail": "this app takes no files"}, status_code=403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def launch_kwargs() -> dict:
+    return {"app_kwargs": {"middleware": [Middleware(NoUploads)]}}
+
+
+def build_page(loaded: LoadedModel, settings: EngineSettings | None = None):
     import gradio as gr
+
+    engine = loaded.engine(settings)
+
+    async def generate(*args):
+        try:
+            async with aclosing(respond(loaded, *args)) as outputs:
+                async for output in outputs:
+                    yield output
+        except QueueFull as exc:
+            raise gr.Error(str(exc)) from None
 
     with gr.Blocks(title="alpaca-lora") as page:
         gr.Markdown(f"## alpaca-lora\n{loaded.description}")
-        cancel = gr.State(threading.Event)
         with gr.Row():
             with gr.Column():
                 instruction = gr.Textbox(label="Instruction", lines=3, elem_id="instruction")
@@ -75,11 +107,11 @@ def build_page(loaded: LoadedModel):
                 temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sample)",
                                         interactive=False)
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top p (sample)", interactive=False)
-                top_k = gr.Slider(0, 200, value=40, step=1, label="Top k (sample; 0: off)", interactive=False)
+                top_k = gr.Slider(0, 200, value=0, step=1, label="Top k (sample; 0: off)", interactive=False)
                 num_beams = gr.Slider(2, 8, value=4, step=1, label="Beams (beam)", interactive=False)
                 max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
                 with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
             with gr.Column():
                 output = gr.Textbox(label="Response", lines=14, elem_id="response")
@@ -89,11 +121,17 @@ def build_page(loaded: LoadedModel):
 
         mode.change(lambda m: [gr.update(interactive=m == "sample")] * 3 + [gr.update(interactive=m == "beam")],
                     mode, [temperature, top_p, top_k, num_beams])
-        event = generate.click(lambda *args: (yield from respond(loaded, *args)),
-                               [instruction, input_text, mode, temperature, top_p, top_k, num_beams, max_new_tokens,
-                                cancel], [output, prompt])
-        stop.click(lambda event_: event_.set(), cancel, None, cancels=[event])
+        event = generate_button.click(generate, [instruction, input_text, mode, temperature, top_p, top_k, num_beams,
+                                                 max_new_tokens], [output, prompt], api_name="generate",
+                                      concurrency_limit=engine.settings.max_batch)
+        stop.click(None, None, None, cancels=[event])
     return page
+
+
+def load_app_config(argv: list[str]) -> AppConfig:
+    cfg = load_inference_settings(AppConfig, argv, TOOL)
+    check(cfg.engine_checks())
+    return cfg
 
 
 def run(cfg: AppConfig) -> int:
@@ -103,15 +141,14 @@ def run(cfg: AppConfig) -> int:
         if not user or not password:
             raise ConfigError(f"key 'auth_env': {cfg.auth_env} must hold user:password")
         auth = (user, password)
-    page = build_page(load_for_inference(cfg))
-    page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=auth)
+    page = build_page(load_for_inference(cfg), cfg)
+    page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=auth, **launch_kwargs())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     usage = "[adapter=DIR] [model=DIR] [port=7860] [key=value ...]"
-    return entry_point(argv, lambda: help_text(TOOL, usage, AppConfig),
-                       lambda args: load_inference_settings(AppConfig, args, TOOL), run) or 0
+    return entry_point(argv, lambda: help_text(TOOL, usage, AppConfig), load_app_config, run) or 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,18 @@ instruction or a whole ``input_file``) and evaluation.
 Concurrent requests share forward passes through transformers' continuous batching
 (``model.init_continuous_batching()``: a background thread that puts the prompt and decode tokens
 of many requests into one forward pass over a paged KV cache). Each request keeps its own
-temperature, top_p, top_k, token budget and stop strings; it streams, can be cancelled at any time
-(its place in the batch goes to the next waiting request at once), and ends with an error rather
-than hanging if the batching thread fails (which is then restarted). Beam search and
-repetition_penalty, which continuous batching does not do, and models it cannot run are generated
-with ``model.generate``, one batch at a time, while the continuous batch pauses; the log says so.
+temperature, top_p, token budget and stop strings; it streams, can be cancelled at any time (its
+place in the batch goes to the next waiting request at once), and ends with an error rather than
+hanging if the batching thread fails (which is then restarted).
+
+The batch decodes greedily (argmax, as ``generate``) until a request samples: sampling over the
+vocabulary (softmax, a full sort for top_p, multinomial) cost a batch of 8 about a quarter of each
+step on CPU, so a greedy batch does none of it. The first request that samples switches the batch
+to sampling (the requests in it go on from the tokens they have, re-read as prompt); there greedy
+requests are top_p 0 (only the most likely token is left); after 30 s without a sampled request an
+idle batch goes back to greedy. Beam search, repetition_penalty and top_k (one more full sort per
+step), and models continuous batching cannot run, are generated with ``model.generate``, one batch
+at a time, while the continuous batch pauses; the log says so.
 
 Log probabilities come from a forward pass of the model over prompt + completion (continuous
 batching reports only the sampled token's probability after temperature and top-k/top-p), so they
@@ -19,10 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import queue
 import threading
+import time
 from collections import Counter, deque
 from contextlib import ExitStack, aclosing, contextmanager
 from dataclasses import dataclass
@@ -33,15 +40,17 @@ from tqdm.auto import tqdm
 from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from alpaca_lora.settings import ConfigError, key
+from alpaca_lora.logs import get_logger
+from alpaca_lora.settings import check, key
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Temperatures below this decode greedily, as in vLLM: logits divided by 1e-45 overflow to inf and nan.
 GREEDY_BELOW = 1e-5
 BATCHING_MODES = ("auto", "off")
 DEFAULT_CACHE_TOKENS = 16384
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+SAMPLING_KEPT_FOR = 30.0  # seconds an idle sampling batch waits for another sampled request before going greedy
 _END = object()  # the last event of a request
 
 
@@ -63,17 +72,14 @@ class EngineSettings:
     cache_tokens: Optional[int] = key(None, f"KV cache size in tokens (default: max_batch full contexts, at most "
                                             f"{DEFAULT_CACHE_TOKENS} tokens or 2 GiB, at least one context)")
 
-    def validate_engine(self) -> None:
-        checks = [
+    def engine_checks(self) -> list[tuple[bool, str, str]]:
+        return [
             (self.batching in BATCHING_MODES, "batching", f"must be one of {', '.join(BATCHING_MODES)}"),
             (self.max_batch >= 1, "max_batch", "must be at least 1"),
             (self.max_queue >= 0, "max_queue", "must be at least 0"),
             (self.batch_tokens >= 16, "batch_tokens", "must be at least 16"),
             (self.cache_tokens is None or self.cache_tokens >= 64, "cache_tokens", "must be at least 64"),
         ]
-        for ok, name, message in checks:
-            if not ok:
-                raise ConfigError(f"key '{name}' {message}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,12 @@ class Sampling:
 
     @property
     def batchable(self) -> bool:
-        """What continuous batching can do: greedy or sampling, one sequence, no repetition penalty."""
-        return self.num_beams == 1 and self.repetition_penalty in (None, 1.0)
+        """What the continuous batch does: greedy, or sampling with temperature and top_p."""
+        return self.num_beams == 1 and self.repetition_penalty in (None, 1.0) and (self.greedy or not self.top_k)
+
+    @property
+    def unbatched_reason(self) -> str:
+        return "beam search" if self.num_beams > 1 else "top_k" if self.top_k else "repetition_penalty"
 
 
 @dataclass
@@ -132,6 +142,7 @@ class EngineRequest:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._done_callbacks: list[Callable[[EngineRequest], None]] = []
+        self._base: list[int] = []  # tokens generated in an earlier batch (the current one continues them)
         self._done = threading.Event()
         self._lock = threading.Lock()
 
@@ -345,6 +356,12 @@ class _TokenStreamer(BaseStreamer):
         pass
 
 
+def _rng_kept():
+    """Continuous batching seeds the process's random generators when its thread starts (``seed`` of its
+    config); around the start they are put back, so an engine leaves training or sampling seeds alone."""
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else [])
+
+
 def _kv_bytes_per_token(model) -> int:
     config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", 1)
@@ -360,7 +377,7 @@ class Engine:
     def __init__(self, model, tokenizer, settings: EngineSettings | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings = settings or EngineSettings()
-        settings.validate_engine()
+        check(settings.engine_checks())
         self.device = model.device
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         text_config = model.config.get_text_config()
@@ -381,7 +398,10 @@ class Engine:
         self._warned: set[str] = set()
         self._direct: queue.SimpleQueue = queue.SimpleQueue()
         self._own_attention = getattr(model.config, "_attn_implementation", None)
-        self._manager = None
+        self._manager = None  # the continuous batch (None while it is being replaced)
+        self._samples = False  # whether it samples (else it is greedy: argmax)
+        self._want_sampling = False  # a request that samples waits for the switch
+        self._last_sampled = 0.0
         self.batching_off = None  # why continuous batching is off, when it is
         if settings.batching == "off":
             self.batching_off = "batching=off"
@@ -395,17 +415,18 @@ class Engine:
             started.wait()
         if self.batching_off and settings.batching != "off":
             log.warning("continuous batching is off (%s): requests are generated one at a time", self.batching_off)
-        self.context_length = min(positions, self.cache_tokens) if self._manager else positions
+        self.context_length = min(positions, self.cache_tokens) if self.batching_off is None else positions
         threading.Thread(target=self._generate_directly_loop, daemon=True, name="engine-direct").start()
 
     @property
     def description(self) -> str:
         s = self.settings
-        if self._manager is not None:
+        if self.batching_off is None:
             attention = getattr(self.model.config, "_attn_implementation", "?")
             return (f"continuous batching: up to {s.max_batch} requests share each forward pass (at most "
                     f"{s.batch_tokens} tokens, {attention} attention, KV cache of {self.cache_tokens} tokens), "
-                    f"{s.max_queue} more may wait; beam search and repetition_penalty run alone")
+                    f"{s.max_queue} more may wait; greedy until a request samples; beam search, top_k and "
+                    "repetition_penalty run alone")
         return f"one request at a time ({self.batching_off}), {self.capacity - 1} more may wait"
 
     def __enter__(self) -> Engine:
@@ -453,7 +474,7 @@ class Engine:
             return {"status": "stopped" if self._closed else "ok", "batching": self.description,
                     "generating": len(self._running), "waiting": len(self._waiting),
                     "alone": self._pending - len(self._running) - len(self._waiting), "places": self.capacity,
-                    "ended": dict(self._ended)}
+                    "sampling_batch": self._samples, "ended": dict(self._ended)}
 
     def _enqueue(self, prompts: list[list[int]], sampling: Sampling, check_capacity: bool,
                  on_done: Callable | None = None) -> list[EngineRequest]:
@@ -467,35 +488,42 @@ class Engine:
                 raise QueueFull(f"all {self.capacity} places are taken ({self.settings.max_batch} generating, "
                                 f"{self.settings.max_queue} waiting); try again shortly")
             self._pending += len(requests)
-            if self._manager is not None and sampling.batchable:
+            if self.batching_off is None and sampling.batchable:
                 self._waiting.extend(requests)
                 self._fill()
                 return requests
-        if self._manager is not None:
-            self._warn_once(f"{'beam search' if sampling.num_beams > 1 else 'repetition_penalty'} is not "
-                            "continuously batched: such requests are generated alone, pausing the batch")
+        if self.batching_off is None:
+            self._warn_once(f"{sampling.unbatched_reason} is not continuously batched: such requests are "
+                            "generated alone, pausing the batch")
         step = 1 if check_capacity else self.settings.max_batch  # a batch job goes in padded batches
         for start in range(0, len(requests), step):
             self._direct.put(requests[start:start + step])
         return requests
 
     def _fill(self) -> None:
-        """Moves waiting requests into the batch while it has places (called holding the lock)."""
-        while self._waiting and len(self._running) < self.settings.max_batch:
-            request = self._waiting.popleft()
+        """Moves waiting requests into the batch while it has places (called holding the lock). A request
+        that samples waits for the dispatcher to switch a greedy batch to sampling."""
+        while self._manager is not None and self._waiting and len(self._running) < self.settings.max_batch:
+            request = self._waiting[0]
             if request.done:
+                self._waiting.popleft()
                 continue
             s = request.sampling
-            kwargs = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if s.greedy else
-                      {"temperature": float(s.temperature), "top_k": int(min(s.top_k or self.vocab_size,
-                                                                              self.vocab_size)),
-                       "top_p": float(s.top_p)})
-            accepted = self._manager.add_request(request.prompt_ids, request_id=request.id,
-                                                 max_new_tokens=s.max_new_tokens, streaming=True,
-                                                 eos_token_id=sorted(self.eos_ids) or -1, **kwargs)
+            if not s.greedy:
+                if not self._samples:
+                    self._want_sampling = True
+                    return
+                self._last_sampled = time.monotonic()
+            if self._manager.background_thread_status.can_accept_new_requests() is not None:
+                return  # the batching thread has failed: the dispatcher replaces it, then refills
+            base = list(request.token_ids)  # a request moved from an earlier batch goes on from its tokens
+            accepted = self._manager.add_request(request.prompt_ids + base, request_id=request.id,
+                                                 max_new_tokens=s.max_new_tokens - len(base), streaming=True,
+                                                 eos_token_id=sorted(self.eos_ids) or -1, **self._batch_kwargs(s))
             if accepted is None:  # the batching thread is stopping: the dispatcher restarts it and refills
-                self._waiting.appendleft(request)
                 return
+            self._waiting.popleft()
+            request._base = base
             self._running[request.id] = request
 
     def _retire(self, request: EngineRequest, still_generating: bool = False) -> None:
@@ -509,7 +537,7 @@ class Engine:
                     self._manager.cancel_request(request.id)
             elif request in self._waiting:
                 self._waiting.remove(request)
-            if self._manager is not None and not self._closed:
+            if not self._closed:
                 self._fill()
 
     def _warn_once(self, message: str) -> None:
@@ -519,82 +547,113 @@ class Engine:
 
     # -- the continuous batch ----------------------------------------------------------------------
 
-    def _start_manager(self):
+    def _batch_kwargs(self, sampling: Sampling) -> dict:
+        """A request's own sampling settings, for a batch that samples (a greedy batch takes none)."""
+        if not self._samples:
+            return {}
+        if sampling.greedy:  # only the most likely token is left: argmax
+            return {"temperature": 1.0, "top_p": 0.0}
+        return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)}
+
+    def _new_manager(self, sampling: bool):
+        """A started continuous batch (greedy: argmax, no sampling over the vocabulary at all), checked
+        with one token for a one-token prompt, so that a model it cannot run fails here, not later."""
         s = self.settings
         generation_config = GenerationConfig(  # placeholders: each request brings its own values
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, max_new_tokens=1,
-            eos_token_id=sorted(self.eos_ids) or -1, pad_token_id=self.tokenizer.pad_token_id)
+            do_sample=sampling, temperature=0.5 if sampling else None, top_k=None, top_p=0.5 if sampling else None,
+            max_new_tokens=1, eos_token_id=sorted(self.eos_ids) or -1, pad_token_id=self.tokenizer.pad_token_id)
         batching_config = ContinuousBatchingConfig(
-            per_request_processors=True, max_requests_per_batch=s.max_batch, max_batch_tokens=s.batch_tokens,
-            num_blocks=math.ceil(self.cache_tokens / ContinuousBatchingConfig.page_size),
-            seed=torch.initial_seed() % 2**31)  # the process's seed, not a random one
-        manager = self.model.init_continuous_batching(generation_config=generation_config,
-                                                      continuous_batching_config=batching_config)
-        manager.start()
-        return manager
-
-    def _warm_up(self, manager) -> None:
-        """One token for a one-token prompt: a model continuous batching cannot run fails here, not later."""
-        request_id = manager.add_request([self.start_token], request_id="warm-up", max_new_tokens=1,
-                                         temperature=1.0, top_k=1, top_p=1.0)
-        while True:
-            output = manager.get_result(timeout=1)
-            if output is not None and output.request_id == request_id and output.is_finished():
-                if output.error:
-                    raise RuntimeError(output.error)
-                return
-            if output is None and not manager.is_running():
-                raise RuntimeError(str(manager.background_thread_status.fatal_error or "the batching thread ended"))
-
-    def _dispatch(self, started: threading.Event) -> None:
-        """Starts continuous batching, then hands each of its outputs to its request, restarting it if it dies."""
+            per_request_processors=sampling, max_requests_per_batch=s.max_batch, max_batch_tokens=s.batch_tokens,
+            num_blocks=math.ceil(self.cache_tokens / ContinuousBatchingConfig.page_size), seed=0)
         manager = None
         try:
-            manager = self._start_manager()
-            self._warm_up(manager)
+            with _rng_kept():
+                manager = self.model.init_continuous_batching(generation_config=generation_config,
+                                                              continuous_batching_config=batching_config)
+                manager.start()
+                self._samples = sampling
+                manager.add_request([self.start_token], request_id="warm-up", max_new_tokens=1,
+                                    **self._batch_kwargs(Sampling(max_new_tokens=1)))
+                while (output := manager.get_result(timeout=1)) is None or not output.is_finished():
+                    if output is None and not manager.is_running():
+                        raise RuntimeError(str(manager.background_thread_status.fatal_error or "it stopped"))
+                if output.error:
+                    raise RuntimeError(output.error)
+        except BaseException:
+            self._stop_manager(manager)
+            raise
+        return manager
+
+    def _dispatch(self, started: threading.Event) -> None:
+        """Starts continuous batching, then hands each of its outputs to its request; restarts the batch
+        if its thread dies, and switches it between greedy and sampling as requests need."""
+        try:
+            with self._model_lock:
+                manager = self._new_manager(sampling=False)
         except Exception as exc:  # noqa: BLE001 - any failure means: generate without it
             self.batching_off = f"continuous batching failed to start: {type(exc).__name__}: {exc}"
-            self._stop_manager(manager)
             started.set()
             return
         self._manager = manager
         started.set()
         while not self._closed:
             output = manager.get_result(timeout=0.1)
-            if output is None:
-                if not manager.is_running() and not self._closed:
-                    manager = self._restart(manager)
-                    if manager is None:
-                        return
-                continue
-            with self._lock:
-                request = self._running.get(output.request_id)
-            if request is not None and request._advance(output.generated_tokens, output.is_finished(), output.error):
-                self._retire(request, still_generating=not output.is_finished())
+            if output is not None:
+                with self._lock:
+                    request = self._running.get(output.request_id)
+                if request is not None and request._advance(request._base + output.generated_tokens,
+                                                            output.is_finished(), output.error):
+                    self._retire(request, still_generating=not output.is_finished())
+                if not self._want_sampling:
+                    continue
+            if self._closed:
+                return
+            if not manager.is_running():
+                manager = self._replace(manager, sampling=self._samples, failed=True)
+            elif self._want_sampling:
+                manager = self._replace(manager, sampling=True)
+            elif (self._samples and not self._running and not self._waiting
+                  and time.monotonic() - self._last_sampled > SAMPLING_KEPT_FOR):
+                manager = self._replace(manager, sampling=False)
+            if manager is None:
+                return
 
-    def _restart(self, manager):
-        error = manager.background_thread_status.fatal_error
-        log.error("continuous batching stopped (%s); the requests it held have failed; restarting it", error)
-        with self._lock:
-            held = list(self._running.values())
-        for request in held:
-            if request._advance(request.token_ids, True, error=f"generation failed: {error}"):
-                self._retire(request)
-        self._stop_manager(manager)
-        try:
-            manager = self._start_manager()
-        except Exception as exc:  # noqa: BLE001
-            log.error("continuous batching could not restart (%s): requests are generated one at a time", exc)
+    def _replace(self, old, sampling: bool, failed: bool = False):
+        """A new batch in place of ``old``: after a failure (its requests have failed), or to switch between
+        greedy and sampling (its requests go on in the new batch from the tokens they have)."""
+        with self._model_lock:  # no direct use of the model while no batch is paused
             with self._lock:
-                self._manager, self.batching_off = None, f"continuous batching failed: {exc}"
-                waiting, self._waiting = list(self._waiting), deque()
-            for request in waiting:
-                self._direct.put([request])
-            return None
-        with self._lock:
-            self._manager = manager
-            self._fill()
-        return manager
+                self._manager, self._want_sampling = None, False
+                moving, self._running = list(self._running.values()), {}
+            reason = f"generation failed: {old.background_thread_status.fatal_error}"
+            if failed:
+                log.error("continuous batching stopped (%s); the requests it held have failed; restarting it", reason)
+            else:
+                log.info("switching the continuous batch to %s", "sampling" if sampling else "greedy")
+            self._stop_manager(old)
+            try:
+                new = self._new_manager(sampling)
+            except Exception as exc:  # noqa: BLE001
+                log.error("continuous batching could not restart (%s): requests are generated one at a time", exc)
+                new, failed, reason = None, True, f"continuous batching could not restart: {exc}"
+            to_direct, to_finish = [], []
+            with self._lock:
+                self._manager = new
+                if new is None:
+                    self.batching_off = "continuous batching failed"
+                    to_direct, self._waiting = list(self._waiting), deque()
+                else:
+                    if not failed:
+                        go_on = [r for r in moving if r.sampling.max_new_tokens > len(r.token_ids)]
+                        to_finish = [r for r in moving if r not in go_on]  # its last token never reached us
+                        self._waiting.extendleft(reversed(go_on))
+                    self._fill()
+        for request in moving if failed else to_finish:
+            if request._advance(request.token_ids, True, error=reason if failed else None):
+                self._retire(request)
+        for request in to_direct:
+            self._direct.put([request])
+        return new
 
     @staticmethod
     def _stop_manager(manager) -> None:

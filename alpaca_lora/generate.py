@@ -1,7 +1,7 @@
 """Generate with a fine-tuned model: ``alpaca-lora generate [adapter=DIR] [model=DIR] ...``
 
 One instruction (streamed), an interactive prompt (no ``instruction=``), or a whole file
-(``input_file=`` to ``output_file=``, batched with left padding and resumable). The prompt is the
+(``input_file=`` to ``output_file=``, through the generation engine's batches, resumable). The prompt is the
 template the model was trained with; only the response is printed; decoding is explicit.
 """
 
@@ -14,12 +14,12 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from alpaca_lora.data.loading import load_records
+from alpaca_lora.engine import EngineSettings
 from alpaca_lora.inference import (
     Decoding,
     Generation,
     InferenceModel,
     LoadedModel,
-    generate_batch,
     load_for_inference,
     load_inference_settings,
 )
@@ -36,7 +36,7 @@ class GenerateConfig(InferenceModel, Decoding):
     input: str = key("", "the input that goes with the instruction, if any")
     input_file: Optional[str] = key(None, "Alpaca-format .json/.jsonl of instructions to answer in batches")
     output_file: Optional[str] = key(None, "JSONL of answers for input_file; a rerun continues where it stopped")
-    batch_size: int = key(8, "prompts per batch with input_file (left-padded)")
+    batch_size: int = key(8, "prompts generated together with input_file")
 
 
 def load_generate_config(argv: list[str]) -> GenerateConfig:
@@ -87,18 +87,18 @@ def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: Ge
     journal = Journal(cfg.output_file, required="index")
     done = journal.done_indices(records, source)
     todo = [i for i in range(len(records)) if i not in done]
-    kwargs = cfg.generate_kwargs()
-    max_new_tokens = kwargs.pop("max_new_tokens")
+    prompts = [loaded.encode(loaded.prompt(records[i]["instruction"], records[i]["input"])) for i in todo]
+    engine = loaded.engine(EngineSettings(max_batch=cfg.batch_size))
+    finished, written = {}, 0  # answers are written in the file's order as soon as those before them are
     with tqdm(total=len(records), initial=len(done), desc="generating", unit="rec") as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            prompts = [loaded.prompt(records[i]["instruction"], records[i]["input"]) for i in batch]
-            responses = generate_batch(loaded.model, loaded.tokenizer, prompts, max_new_tokens,
-                                       batch_size=cfg.batch_size, **kwargs)
-            for index, response in zip(batch, responses):
+        for position, request in engine.generate_many(prompts, cfg.sampling()):
+            finished[position] = request.text
+            while written in finished:
+                index = todo[written]
                 journal.append({"index": index, "instruction": records[index]["instruction"],
-                                "input": records[index]["input"], "output": response})
-            bar.update(len(batch))
+                                "input": records[index]["input"], "output": finished.pop(written)})
+                written += 1
+            bar.update(1)
     print(f"{len(records)} answers in {cfg.output_file}", file=sys.stderr)
 
 

@@ -1,20 +1,20 @@
 """What generation, the app, the server and evaluation share: loading a base model (+ adapter) or a
 merged model with the template it was trained with, explicit decoding settings, batched and
-streamed generation."""
+streamed generation on the model's generation engine (alpaca_lora.engine)."""
 
 from __future__ import annotations
 
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import AsyncIterator, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from alpaca_lora.data.examples import encode_prompt, left_padded_prompts
+from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import PromptTemplate, get_template
+from alpaca_lora.engine import Engine, EngineRequest, EngineSettings, Sampling, generate_texts
 from alpaca_lora.errors import ConfigError, UserError
 from alpaca_lora.model import load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import ModelArguments, compute_dtype, model_checks, resolve_device, saved_model_layer
@@ -51,17 +51,14 @@ class Decoding:
         ]
         check(checks)
 
-    def generate_kwargs(self) -> dict:
+    def sampling(self, stop_strings: list[str] | None = None, strip: bool = True) -> Sampling:
         """Every generation setting spelled out, so a model's generation_config cannot change the mode."""
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.decoding == "sample", "num_beams": 1,
-                  "temperature": None, "top_p": None, "top_k": None}
-        if self.decoding == "sample":
-            kwargs.update(temperature=self.temperature or 1.0, top_p=self.top_p or 1.0, top_k=self.top_k or 0)
-        if self.decoding == "beam":
-            kwargs.update(num_beams=self.num_beams or 4, early_stopping=True)
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
+        sample = self.decoding == "sample"
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=(self.temperature or 1.0) if sample else 0.0,
+                        top_p=(self.top_p or 1.0) if sample else 1.0, top_k=(self.top_k or 0) if sample else 0,
+                        num_beams=(self.num_beams or 4) if self.decoding == "beam" else 1,
+                        repetition_penalty=self.repetition_penalty, stop=tuple(s for s in stop_strings or () if s),
+                        strip=strip)
 
 
 @dataclass
@@ -100,13 +97,21 @@ class LoadedModel:
     template: PromptTemplate
     name: str
     description: str
-    generate_lock: threading.Lock = field(default_factory=threading.Lock)
+    _engine: Optional[Engine] = field(default=None, repr=False)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def prompt(self, instruction: str, input: str = "") -> str:
         return self.template.format(instruction, input)
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
+
+    def engine(self, settings: EngineSettings | None = None) -> Engine:
+        """The model's one generation engine, started on first use (with ``settings``; later calls share it)."""
+        with self._engine_lock:
+            if self._engine is None or self._engine.closed:
+                self._engine = Engine(self.model, self.tokenizer, settings)
+            return self._engine
 
 
 def load_for_inference(settings: InferenceModel) -> LoadedModel:
@@ -136,100 +141,57 @@ def load_for_inference(settings: InferenceModel) -> LoadedModel:
     return LoadedModel(model, tokenizer, template, name, description)
 
 
-@torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-                   progress: str | None = None, **generation_kwargs) -> list[str]:
-    """Responses to ``prompts`` in left-padded batches; greedy unless ``generation_kwargs`` say otherwise."""
-    was_training = model.training
-    model.eval()
-    generation_kwargs.setdefault("do_sample", False)
-    responses = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
-        inputs = left_padded_prompts(tokenizer, prompts[start:start + batch_size]).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **generation_kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        responses += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    model.train(was_training)
-    return responses
-
-
-class _StopWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+                   progress: str | None = None, decoding: Decoding | None = None) -> list[str]:
+    """Responses to ``prompts`` (greedy unless ``decoding`` says otherwise), ``batch_size`` generated together
+    by a generation engine: the batch API for code that holds a model (evaluation, during training too)."""
+    sampling = (decoding or Decoding(max_new_tokens=max_new_tokens)).sampling()
+    return generate_texts(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], sampling, batch_size,
+                          progress)
 
 
 class Generation:
-    """One generation, streamed: iterating yields new response text as it comes (beam search: once,
-    at the end). It ends at EOS, at ``max_new_tokens``, at a stop string (not included in the text),
-    or when ``cancel`` is set; then ``text``, ``finish_reason`` ("stop" or "length") and token counts
-    are known. Generations are serialised: one model, one generation at a time."""
+    """One generation on the model's engine, streamed: iterating (or ``async for``) yields new response
+    text as it comes (beam search: all at the end). It ends at EOS, at ``max_new_tokens``, at a stop
+    string (not included in the text), or at ``cancel()`` (also when the reader stops early); then
+    ``text``, ``finish_reason`` ("stop" or "length") and token counts are known."""
 
     def __init__(self, loaded: LoadedModel, prompt: str, decoding: Decoding, stop_strings: list[str] | None = None,
-                 cancel: threading.Event | None = None, strip: bool = True):
-        self.loaded, self.decoding, self.stop_strings = loaded, decoding, [s for s in (stop_strings or []) if s]
-        self.strip = strip  # a response to a template prompt; a raw continuation (strip=False) keeps its spaces
-        self.cancel = cancel or threading.Event()
+                 strip: bool = True):
+        self.loaded, self.sampling = loaded, decoding.sampling(stop_strings, strip)
         self.prompt_ids = loaded.encode(prompt)
-        self.prompt_tokens = len(self.prompt_ids)
-        self.text = ""
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.request: EngineRequest | None = None
+
+    def _start(self) -> EngineRequest:
+        if self.request is None:
+            self.request = self.loaded.engine().submit(self.prompt_ids, self.sampling)[0]
+        return self.request
 
     def __iter__(self) -> Iterator[str]:
-        tokenizer = self.loaded.tokenizer
-        ids = torch.tensor([self.prompt_ids], device=self.loaded.model.device)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id,
-                      stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancel)]),
-                      **self.decoding.generate_kwargs())
-        if self.stop_strings:
-            kwargs.update(stop_strings=self.stop_strings, tokenizer=tokenizer)
-        output: list[torch.Tensor] = []
-        with self.loaded.generate_lock, torch.no_grad():
-            if self.decoding.decoding == "beam":
-                output.append(self.loaded.model.generate(**kwargs)[0])
-                yield from self._emit(tokenizer.decode(output[0][ids.shape[1]:], skip_special_tokens=True), final=True)
-            else:
-                streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-                worker = threading.Thread(target=lambda: output.append(
-                    self.loaded.model.generate(**kwargs, streamer=streamer)[0]))
-                worker.start()
-                raw = ""
-                try:
-                    for piece in streamer:
-                        raw += piece
-                        yield from self._emit(raw, final=False)
-                        if self.finish_reason:
-                            break
-                    yield from self._emit(raw, final=True)
-                finally:
-                    self.cancel.set()  # stops the generation when the consumer stops reading
-                    worker.join()
-        new = output[0][ids.shape[1]:].tolist() if output else []
-        self.completion_tokens = len(new)
-        if self.finish_reason is None:
-            ended = bool(new) and new[-1] == tokenizer.eos_token_id
-            self.finish_reason = "stop" if ended or len(new) < self.decoding.max_new_tokens else "length"
+        for delta in self._start():
+            yield delta.text
 
-    def _emit(self, raw: str, final: bool) -> Iterator[str]:
-        """The part of ``raw`` not yet emitted, up to a stop string, holding back a possible stop prefix."""
-        if self.finish_reason:
-            return
-        raw = raw.lstrip() if self.strip else raw
-        end = len(raw)
-        for stop in self.stop_strings:
-            found = raw.find(stop)
-            if found != -1 and found < end:
-                end, self.finish_reason = found, "stop"
-        if not self.finish_reason and not final:
-            end -= max((n for stop in self.stop_strings for n in range(len(stop) - 1, 0, -1)
-                        if raw.endswith(stop[:n])), default=0)
-        if final and not self.finish_reason and self.strip:
-            end = len(raw[:end].rstrip())
-        if end > len(self.text):
-            piece, self.text = raw[len(self.text):end], raw[:end]
-            yield piece
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async with aclosing(self._start().deltas()) as deltas:
+            async for delta in deltas:
+                yield delta.text
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.request.cancel()
+
+    @property
+    def text(self) -> str:
+        return self.request.text if self.request else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.request.finish_reason if self.request else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.request.completion_tokens if self.request else 0

@@ -1,6 +1,6 @@
 """The app's generate handler: only the chosen decoding mode's controls reach the model."""
 
-import threading
+import asyncio
 
 from alpaca_lora.app import respond
 from alpaca_lora.inference import inference_settings, load_for_inference
@@ -9,9 +9,12 @@ from alpaca_lora.inference import inference_settings, load_for_inference
 def run(loaded, mode, temperature, seed=0):
     import torch
 
+    async def last():
+        outputs = [o async for o in respond(loaded, "Tell me a story.", "", mode, temperature, 1.0, 0, 3, 12)]
+        return outputs[-1]
+
     torch.manual_seed(seed)
-    *_, (text, prompt) = respond(loaded, "Tell me a story.", "", mode, temperature, 1.0, 0, 3, 12, threading.Event())
-    return text, prompt
+    return asyncio.run(last())
 
 
 def test_controls_take_effect_only_in_their_mode(tiny_model_dir):

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from conftest import FACT
 
-from alpaca_lora.app import build_page
-from alpaca_lora.inference import ModelSettings, load_for_inference
+from alpaca_lora.app import build_page, launch_kwargs
+from alpaca_lora.inference import inference_settings, load_for_inference
 
 
 def free_port() -> int:
@@ -19,9 +19,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(fact_adapters):
-    page = build_page(load_for_inference(ModelSettings(adapter=str(fact_adapters[16]))))
+    page = build_page(load_for_inference(inference_settings(adapter=str(fact_adapters[16]))))
     port = free_port()
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **launch_kwargs())
     yield f"http://127.0.0.1:{port}/"
     page.close()
 

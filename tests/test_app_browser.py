@@ -7,7 +7,7 @@ import socket
 import pytest
 from conftest import FACT
 
-from alpaca_lora.app import build_page
+from alpaca_lora.app import build_page, launch_kwargs
 from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,7 +39,8 @@ def browser():
 def open_app(browser, settings: InferenceModel):
     page_app = build_page(load_for_inference(settings))
     port = free_port()
-    page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     return page_app, page

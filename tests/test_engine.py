@@ -2,7 +2,7 @@
 request keeps its own settings and stop strings, cancelling frees a place at once, a full engine
 refuses, a failing batch neither hangs nor stays broken, and what batching cannot do still works."""
 
-import logging
+import time
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from conftest import FACT
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.engine import Engine, EngineError, EngineSettings, QueueFull, Sampling, generate_texts
-from alpaca_lora.inference import ModelSettings, load_for_inference
+from alpaca_lora.inference import inference_settings, load_for_inference
 
 PROMPTS = ["What is the capital of Zorblax?", "Give three tips for staying healthy.", "Reverse the order of the words.",
            "Name the capital of the country."]
@@ -45,12 +45,31 @@ def test_concurrent_greedy_requests_get_what_generate_gives(engine, model, tiny_
     prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
     expected = [greedy_reference(model, tiny_tokenizer, p, 24) for p in prompts]
     requests = [r for p in prompts for r in engine.submit(p, Sampling(max_new_tokens=24))]
-    sampled = engine.submit(prompts[0], Sampling(max_new_tokens=24, temperature=1.5, top_k=20, top_p=0.9), n=2)
+    sampled = engine.submit(prompts[0], Sampling(max_new_tokens=24, temperature=1.5, top_p=0.9), n=2)
     for request, tokens in zip(requests, expected):
         assert request.wait().token_ids == tokens
         assert request.finish_reason == "length" and request.completion_tokens == 24
     assert all(r.wait().completion_tokens == 24 for r in sampled)  # sampled neighbours in the same batch
     assert engine.description.startswith("continuous batching")
+
+
+def test_a_sampled_request_switches_the_batch_and_greedy_requests_go_on(model, tiny_tokenizer):
+    prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
+    expected = [greedy_reference(model, tiny_tokenizer, p, 200) for p in prompts]
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=4)) as engine:
+        greedy = [r for p in prompts for r in engine.submit(p, Sampling(max_new_tokens=200))]
+        wait_for(lambda: all(r.token_ids for r in greedy))  # generating
+        assert engine.status()["sampling_batch"] is False
+        sampled = engine.submit(prompts[0], Sampling(max_new_tokens=10, temperature=1.0))[0]
+        assert sampled.wait().completion_tokens == 10 and engine.status()["sampling_batch"] is True
+        assert [r.wait().token_ids for r in greedy] == expected
+
+
+def wait_for(condition, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_text_streams_in_pieces_that_add_up(engine, tiny_tokenizer):
@@ -105,17 +124,19 @@ def test_an_empty_prompt_starts_from_the_start_token(engine, tiny_tokenizer):
     assert request.prompt_ids == [tiny_tokenizer.bos_token_id] and request.completion_tokens == 3
 
 
-def test_what_batching_cannot_do_runs_alone_and_says_so(engine, model, tiny_tokenizer, caplog):
+def test_what_batching_does_not_do_runs_alone_and_says_so(engine, model, tiny_tokenizer, capsys):
     prompt = encode(tiny_tokenizer, PROMPTS[2])
     ids = torch.tensor([prompt])
     beam = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, do_sample=False, max_new_tokens=12,
                           early_stopping=True, pad_token_id=tiny_tokenizer.pad_token_id,
                           eos_token_id=tiny_tokenizer.eos_token_id)[0, len(prompt):].tolist()
-    with caplog.at_level(logging.WARNING, logger="alpaca_lora.engine"):
-        request = engine.submit(prompt, Sampling(max_new_tokens=12, num_beams=3))[0].wait()
-    assert request.token_ids == beam and "not continuously batched" in caplog.text
+    request = engine.submit(prompt, Sampling(max_new_tokens=12, num_beams=3))[0].wait()
     penalised = engine.submit(prompt, Sampling(max_new_tokens=12, repetition_penalty=1.3))[0].wait()
-    assert penalised.completion_tokens == 12
+    top_k = engine.submit(prompt, Sampling(max_new_tokens=12, temperature=0.8, top_k=5))[0].wait()
+    log = capsys.readouterr().err
+    assert request.token_ids == beam and "beam search is not continuously batched" in log
+    assert penalised.completion_tokens == top_k.completion_tokens == 12
+    assert "repetition_penalty is not continuously batched" in log and "top_k is not" in log
 
 
 def test_batching_off_generates_one_at_a_time_with_the_same_answers(model, tiny_tokenizer):
@@ -125,6 +146,14 @@ def test_batching_off_generates_one_at_a_time_with_the_same_answers(model, tiny_
         requests = [engine.submit(p, Sampling(max_new_tokens=10))[0] for p in prompts]
         assert [r.wait().token_ids for r in requests] == [greedy_reference(model, tiny_tokenizer, p, 10)
                                                           for p in prompts]
+
+
+def test_starting_an_engine_leaves_the_random_generator_alone(model, tiny_tokenizer):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with Engine(model, tiny_tokenizer):  # continuous batching seeds the generator when it starts
+        assert torch.equal(torch.rand(3), expected)
 
 
 def test_a_batch_job_and_training_mode(model, tiny_tokenizer):
@@ -154,7 +183,7 @@ def test_log_probabilities_are_those_of_a_forward_pass(engine, model, tiny_token
 
 
 def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters):
-    loaded = load_for_inference(ModelSettings(adapter=str(fact_adapters[4]), device="cpu"))
+    loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[4]), device="cpu"))
     engine = loaded.engine(EngineSettings(max_batch=2))
     try:
         assert engine.description.startswith("continuous batching")

@@ -1,34 +1,21 @@
 """The OpenAI-compatible server, through the official openai client: answers, streaming, usage,
-stop sequences, n, concurrent clients, malformed requests, the API key, and our own data builder."""
+stop sequences, n, concurrent clients sharing the engine, the queue limit, log probabilities,
+malformed requests, the API key, and our own data builder."""
 
 import json
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
+import torch
 from conftest import FACT
+from serving import serving
 
 from alpaca_lora.inference import inference_settings, load_for_inference
-from alpaca_lora.serve import ServeConfig, create_app
+from alpaca_lora.serve import ServeConfig
 
 QUESTION = [{"role": "user", "content": FACT["instruction"]}]
-
-
-def serving(cfg: ServeConfig):
-    """Runs the server on a free loopback port in this process; yields its base URL."""
-    app = create_app(load_for_inference(cfg), cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +84,21 @@ def test_n_choices_with_sampling(client):
     assert len({c.message.content for c in reply.choices}) > 1 and reply.usage.completion_tokens > 3
 
 
+def test_n_choices_stream_side_by_side(rambling):
+    client = openai.OpenAI(api_key="x", base_url=rambling, max_retries=0)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Say anything."}], max_tokens=12)
+    texts = {0: "", 1: "", 2: ""}
+    for chunk in client.chat.completions.create(**ask, n=3, temperature=1.5, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert len(set(texts.values())) > 1
+    greedy = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**ask, n=2, temperature=0, stream=True):
+        for choice in chunk.choices:
+            greedy[choice.index] += choice.delta.content or ""
+    assert greedy[0] == greedy[1] == client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+
+
 def test_system_message_and_earlier_turns_go_into_the_input(client, server):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, QUESTION[0]]
@@ -109,18 +111,102 @@ def test_system_message_and_earlier_turns_go_into_the_input(client, server):
     assert reply.usage.prompt_tokens == with_input.usage.prompt_tokens
 
 
-def test_concurrent_clients_each_get_their_own_answer(client):
-    questions = [FACT["instruction"], "Say hello.", FACT["instruction"], "Name a color."]
+@pytest.mark.parametrize("stream", [False, True])
+def test_concurrent_clients_get_what_they_get_one_at_a_time(client, rambling, stream):
+    questions = [FACT["instruction"], "Say hello.", FACT["instruction"], "Name a color.", "Tell me a story.",
+                 "Write a haiku about autumn leaves.", "Give three tips for staying healthy.", "Count to five."]
+    clients = {"zorblax": client, "tiny": openai.OpenAI(api_key="x", base_url=rambling, max_retries=0)}
 
-    def ask(question):
-        reply = client.chat.completions.create(model="zorblax", messages=[{"role": "user", "content": question}],
-                                               temperature=0, max_tokens=10)
-        return reply.choices[0].message.content
+    def ask(job):
+        model, question = job
+        ask = dict(model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16)
+        if not stream:
+            reply = clients[model].chat.completions.create(**ask)
+            return reply.choices[0].message.content, reply.usage.completion_tokens
+        chunks = list(clients[model].chat.completions.create(**ask, stream=True,
+                                                             stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
 
-    alone = [ask(q) for q in questions]
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(ask, questions))
-    assert together == alone and together[0] == together[2] == "Quibbletown."
+    jobs = [(model, q) for q in questions for model in clients]
+    alone = [ask(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    assert together == alone and together[0][0] == together[4][0] == "Quibbletown."
+
+
+def test_stop_strings_end_only_their_own_request(rambling):
+    client = openai.OpenAI(api_key="x", base_url=rambling, max_retries=0)
+    ask = dict(model="tiny", prompt="Give three tips for staying healthy.", temperature=0, max_tokens=30)
+    whole = client.completions.create(**ask).choices[0].text
+    stop = whole[10:13]
+    with ThreadPoolExecutor(2) as pool:
+        cut, uncut = pool.map(lambda extra: client.completions.create(**ask, **extra).choices[0], [{"stop": stop}, {}])
+    assert cut.text == whole[:whole.index(stop)] and cut.finish_reason == "stop"
+    assert uncut.text == whole and uncut.finish_reason == "length"
+
+
+def test_a_full_queue_answers_429(tiny_model_dir):
+    cfg = inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny", max_batch=1,
+                             max_queue=1)
+    for url in serving(cfg):
+        client = openai.OpenAI(api_key="x", base_url=url, max_retries=0)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400)
+        streams = [client.chat.completions.create(**ask, stream=True) for _ in range(2)]  # one generates, one waits
+        with pytest.raises(openai.RateLimitError) as full:
+            client.chat.completions.create(**ask)
+        assert full.value.body["type"] == "rate_limit_error" and full.value.body["code"] == "rate_limit_exceeded"
+        assert full.value.response.headers["retry-after"] == "1"
+        health = httpx.get(url.removesuffix("/v1") + "/health").json()
+        assert health["status"] == "ok" and health["generating"] + health["waiting"] == health["places"] == 2
+        for stream in streams:
+            stream.close()
+
+
+@pytest.fixture(scope="module")
+def fact_model(fact_adapters):
+    return load_for_inference(inference_settings(adapter=str(fact_adapters[16])))
+
+
+def direct_logprobs(loaded, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """Log probabilities of the model, in one forward pass over prompt + completion."""
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([prompt_ids + completion_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1:-1]
+
+
+def test_chat_logprobs_are_the_models_own(client, fact_model):
+    reply = client.chat.completions.create(model="zorblax", messages=QUESTION, temperature=0, max_tokens=20,
+                                           logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    tokenizer = fact_model.tokenizer
+    prompt_ids = fact_model.encode(fact_model.prompt(FACT["instruction"]))
+    completion_ids = tokenizer(FACT["output"], add_special_tokens=False)["input_ids"]
+    assert "".join(entry.token for entry in content).strip() == "Quibbletown."
+    expected = direct_logprobs(fact_model, prompt_ids, completion_ids)
+    assert len(content) == len(completion_ids)
+    for entry, row, token_id in zip(content, expected, completion_ids):
+        assert entry.token == tokenizer.decode([token_id]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(row[token_id].item(), abs=1e-4)
+        top = row.topk(5)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_streamed_and_completion_logprobs_agree_with_chat(client):
+    ask = dict(model="zorblax", messages=QUESTION, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(**ask, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
+    from alpaca_lora.data.templates import get_template
+
+    legacy = client.completions.create(model="zorblax", prompt=get_template("alpaca").format(FACT["instruction"]),
+                                       temperature=0, max_tokens=20, logprobs=2).choices[0].logprobs
+    assert legacy.tokens == [e.token for e in whole]
+    assert legacy.token_logprobs == pytest.approx([e.logprob for e in whole], abs=1e-4)
+    assert all(len(top) in (2, 3) and legacy.tokens[i] in top for i, top in enumerate(legacy.top_logprobs))
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(len(legacy.tokens))]
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -129,7 +215,10 @@ def test_concurrent_clients_each_get_their_own_answer(client):
     ({"model": "zorblax", "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages[0].role"),
     ({"model": "zorblax", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ({"model": "zorblax", "messages": QUESTION, "temperature": 5}, 400, "temperature"),
-    ({"model": "zorblax", "messages": QUESTION, "n": 2, "stream": True}, 400, "n"),
+    ({"model": "zorblax", "messages": QUESTION, "n": 9}, 400, "n"),
+    ({"model": "zorblax", "messages": QUESTION, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
+    ({"model": "zorblax", "messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": "zorblax", "messages": QUESTION, "logit_bias": {"50": 10}}, 400, "logit_bias"),
     ({"model": "zorblax", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "gpt-4", "messages": QUESTION}, 404, "model"),
 ])

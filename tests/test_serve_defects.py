@@ -19,6 +19,7 @@ import openai
 import pytest
 from serving import serving
 
+from alpaca_lora.inference import inference_settings
 from alpaca_lora.serve import ServeConfig
 
 HANG_GUARD = httpx.Timeout(120.0)
@@ -28,19 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    yield from serving(ServeConfig(model=str(tiny_model_dir), served_model_name="tiny"))
+    yield from serving(inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny"))
 
 
 @pytest.fixture
 def narrow(tiny_model_dir):
     """One request generates at a time and none may wait: a place left taken shows at once."""
-    yield from serving(ServeConfig(model=str(tiny_model_dir), served_model_name="tiny", max_batch=1, max_queue=0))
+    yield from serving(inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny",
+                                          max_batch=1, max_queue=0))
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir):
     os.environ["TEST_DEFECTS_KEY"] = "sk-defects"
-    yield from serving(ServeConfig(model=str(tiny_model_dir), served_model_name="tiny", api_key_env="TEST_DEFECTS_KEY"))
+    yield from serving(inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny",
+                                          api_key_env="TEST_DEFECTS_KEY"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_a_sampler_failure_neither_hangs_the_server_nor_later_requests(tiny):
 
 
 def test_an_empty_prompt_is_answered_and_the_next_one_too(no_bos_model):
-    for url in serving(ServeConfig(model=str(no_bos_model), served_model_name="tiny")):
+    for url in serving(inference_settings(ServeConfig, model=str(no_bos_model), served_model_name="tiny")):
         for _ in range(2):
             reply = complete(url, prompt="", temperature=0, max_tokens=5)
             assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 1  # the start token
