@@ -41,7 +41,7 @@ EXAMPLES = [
 
 
 @dataclass
-class AppConfig(InferenceModel, EngineSettings):
+class AppConfig(EngineSettings, InferenceModel):
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the page to the network)")
     port: int = key(7860, "port")
     share: bool = key(False, "also publish a temporary public gradio.live link")

@@ -51,7 +51,7 @@ UNSUPPORTED = {
 
 
 @dataclass
-class ServeConfig(InferenceModel, EngineSettings):
+class ServeConfig(EngineSettings, InferenceModel):
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the server to the network); on loopback, "
                                  "only requests addressed to a loopback name are answered")
     port: int = key(8000, "port")
