@@ -88,7 +88,7 @@ def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: Ge
     done = journal.done_indices(records, source)
     todo = [i for i in range(len(records)) if i not in done]
     prompts = [loaded.encode(loaded.prompt(records[i]["instruction"], records[i]["input"])) for i in todo]
-    engine = loaded.engine(EngineSettings(max_batch=cfg.batch_size))
+    engine = loaded.engine()
     finished, written = {}, 0  # answers are written in the file's order as soon as those before them are
     with tqdm(total=len(records), initial=len(done), desc="generating", unit="rec") as bar:
         for position, request in engine.generate_many(prompts, cfg.sampling()):
@@ -105,6 +105,7 @@ def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: Ge
 def run(cfg: GenerateConfig) -> int:
     data = load_records(cfg.input_file, need_output=False) if cfg.input_file else None  # checked before loading
     loaded = load_for_inference(cfg)
+    loaded.engine(EngineSettings(max_batch=cfg.batch_size if data is not None else 1))  # its KV cache is sized so
     if data is not None:
         generate_file(loaded, data.records, data.source, cfg)
     elif cfg.instruction is not None:
