@@ -50,6 +50,7 @@ bench: install
 	$(OFFLINE) $(PY) bench/dedup.py
 	$(OFFLINE) $(PY) bench/self_instruct_cost.py
 	$(OFFLINE) $(PY) bench/generate_speed.py
+	$(OFFLINE) OMP_WAIT_POLICY=PASSIVE $(PY) bench/serve_throughput.py
 
 clean:
 	rm -rf $(VENV) outputs
