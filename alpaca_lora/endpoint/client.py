@@ -84,12 +84,16 @@ class Endpoint:
             return None
         return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
 
-    def complete(self, prompt: str) -> Reply:
-        """One request, with the client's retries; never raises except :class:`EndpointError`."""
+    def complete(self, prompt: str | list[dict]) -> Reply:
+        """One request, with the client's retries; never raises except :class:`EndpointError`.
+
+        ``prompt`` is the user's message, or (chat API) the whole list of messages, a system prompt among them.
+        """
         try:
             if self.api == "chat":
+                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                 raw = self.client.chat.completions.with_raw_response.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], **self.sampling)
+                    model=self.model, messages=messages, **self.sampling)
             else:
                 raw = self.client.completions.with_raw_response.create(
                     model=self.model, prompt=prompt, **self.sampling)

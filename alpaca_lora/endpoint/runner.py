@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -25,8 +25,8 @@ class Job(Protocol):
     total: int
 
     def restore(self, entries: list[dict], journal: Journal) -> None: ...
-    def next_prompt(self, number: int) -> tuple[int, str] | None: ...
-    def accept(self, key: int, reply: Reply) -> dict: ...
+    def next_prompt(self, number: int) -> tuple[Any, str | list[dict]] | None: ...  # (key, prompt or messages)
+    def accept(self, key: Any, reply: Reply) -> dict: ...
     def done(self) -> int: ...
     def finished(self) -> bool: ...
 

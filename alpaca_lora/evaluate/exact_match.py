@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alpaca_lora.data.templates import PromptTemplate
-from alpaca_lora.inference import generate_batch
+
+
+def is_exact_match(response: str, reference: str) -> bool:
+    """The response is the reference answer, surrounding whitespace aside."""
+    return response.strip() == reference.strip()
 
 
 @dataclass
@@ -24,12 +28,14 @@ def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[s
 
     Generation stops a few tokens past the longest reference: a longer answer cannot match anyway.
     """
+    from alpaca_lora.inference import generate_batch  # torch: only when a model is scored
+
     reference_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     max_new_tokens = max(map(len, reference_ids), default=1) + 4
     prompts = [template.format(r["instruction"], r.get("input", "")) for r in records]
     responses = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=f"exact match ({label})")
-    matches = [response == record["output"].strip() for response, record in zip(responses, records)]
+    matches = [is_exact_match(response, record["output"]) for response, record in zip(responses, records)]
     return ExactMatch(sum(matches) / max(len(records), 1), sum(matches), len(records), responses, matches)
 
 

@@ -1,0 +1,176 @@
+"""``answer``: one generator's answers on an evaluation set, from a local model or an endpoint.
+
+Every finished batch (local) or request (endpoint) is journaled beside the answers, so a killed run
+continues where it stopped and no item is answered twice; the answers file and its AlpacaEval form
+are rewritten, in the set's order, at the end of every run.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alpaca_lora.data.loading import DataError
+from alpaca_lora.data.templates import get_template
+from alpaca_lora.endpoint.client import Reply
+from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.evaluate.answers import write_answers
+from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
+from alpaca_lora.evaluate.settings import AnswerConfig
+from alpaca_lora.journal import Journal
+
+EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
+
+
+def log(message: str) -> None:
+    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+
+def decoding_settings(cfg: AnswerConfig) -> dict:
+    """What the answers record about how they were made; a resume must use the same."""
+    if cfg.uses_endpoint:
+        return {"api": cfg.api, "system": cfg.system, **endpoint_sampling(cfg),
+                **({"template": cfg.template or "alpaca"} if cfg.api == "completions" else {})}
+    settings = {"decoding": cfg.decoding, "max_new_tokens": cfg.max_new_tokens}
+    for name in ("temperature", "top_p", "top_k", "num_beams", "repetition_penalty"):
+        if getattr(cfg, name) is not None:
+            settings[name] = getattr(cfg, name)
+    return settings
+
+
+def endpoint_sampling(cfg: AnswerConfig) -> dict:
+    if cfg.decoding == "greedy":
+        return {"temperature": 0.0, "max_tokens": cfg.max_new_tokens}
+    return {"temperature": cfg.temperature or 1.0, "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens}
+
+
+class Answering:
+    """The items still to answer and the answers so far, restored from the journal."""
+
+    def __init__(self, eval_set: EvalSet, generator: str, decoding: dict, journal: Journal):
+        self.items, self.generator, self.decoding, self.journal = eval_set.items, generator, decoding, journal
+        self.entries = journal.read()
+        self.answered: dict[str, dict] = {}
+        by_key = {item["key"]: item for item in self.items}
+        for number, entry in enumerate(self.entries, start=1):
+            for record in entry.get("records", []):
+                if record.get("generator") != generator or record.get("decoding") != decoding:
+                    raise DataError(f"{journal.path}: line {number}: answers by {record.get('generator')} with "
+                                    f"{record.get('decoding')}, not by {generator} with {decoding}; "
+                                    "use another output=")
+                if record.get("key") in by_key:  # a smaller limit= this time: keep the others for later
+                    self.answered[record["key"]] = record
+        self.todo = [item for item in self.items if item["key"] not in self.answered]
+
+    def record(self, item: dict, output: str) -> dict:
+        answer = {**item, "output": output.strip(), "generator": self.generator, "decoding": self.decoding}
+        self.answered[item["key"]] = answer
+        return answer
+
+    def in_order(self) -> list[dict]:
+        return [self.answered[item["key"]] for item in self.items if item["key"] in self.answered]
+
+
+def run_answer(cfg: AnswerConfig) -> int:
+    eval_set = load_eval_set(cfg.set, cfg.held_out, cfg.limit)  # before any model is loaded
+    if cfg.uses_endpoint:
+        return _answer_with_endpoint(cfg, eval_set)
+    from alpaca_lora.evaluate.local import LocalModel
+
+    model = LocalModel(cfg, cfg.batch_size)
+    generator = cfg.generator or model.name
+    output = Path(cfg.output or f"outputs/evaluate/{generator}.jsonl")
+    answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
+    log(f"{len(eval_set.items)} items of {eval_set.source}; {model.description}; "
+        f"{len(answering.answered)} answered before")
+    stop = "finished"
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    try:
+        with tqdm(total=len(eval_set.items), initial=len(eval_set.items) - len(answering.todo), desc="answering",
+                  unit="item") as bar:
+            for number, start in enumerate(range(0, len(answering.todo), cfg.batch_size), start=len(answering.entries)):
+                batch = answering.todo[start:start + cfg.batch_size]
+                outputs = model(batch, cfg)
+                answering.journal.append({"request": number, "mode": "answer", "prompt_tokens": 0,
+                                          "completion_tokens": 0, "retries": 0, "problem": None, "error": None,
+                                          "records": [answering.record(item, out) for item, out in zip(batch, outputs)],
+                                          "discarded": {}})
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        stop = "interrupted"
+    return _finish(answering, output, stop)
+
+
+def _answer_with_endpoint(cfg: AnswerConfig, eval_set: EvalSet) -> int:
+    generator = cfg.generator or cfg.model
+    output = Path(cfg.output or f"outputs/evaluate/{generator}.jsonl")
+    answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
+    endpoint = cfg.open_endpoint(cfg.model, cfg.api, endpoint_sampling(cfg))
+    totals = Totals()
+    for entry in answering.entries:
+        totals.add(entry)
+    job = AnswerJob(answering, cfg)
+    log(f"{len(eval_set.items)} items of {eval_set.source}; model {cfg.model} at {endpoint.client.base_url}, "
+        f"{cfg.api} API; {len(answering.answered)} answered before")
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    started = time.monotonic()
+    stop = run_requests(job, endpoint, answering.journal, cfg.budget(), totals, "answer", desc="answering")
+    usage = summary(job, totals, endpoint, stop, time.monotonic() - started, job.total)
+    cost = "" if usage["cost_usd"] is None else f", ${usage['cost_usd']:,.4f}"
+    log(f"{totals.requests} requests, {totals.prompt_tokens + totals.completion_tokens:,} tokens{cost}"
+        + (f"; failed requests: {usage['failed_request'] + usage['rejected_request']}" if totals.problems else ""))
+    if stop == "endpoint_failing":
+        log(f"stopped after {MAX_CONSECUTIVE_FAILURES} failed requests in a row; the last error: {totals.last_error}")
+    return _finish(answering, output, stop)
+
+
+class AnswerJob:
+    """The runner's job for ``answer`` through an endpoint: one request per item still to answer."""
+
+    def __init__(self, answering: Answering, cfg: AnswerConfig):
+        self.answering, self.cfg = answering, cfg
+        self.total = len(answering.items)
+        self.template = get_template(cfg.template or "alpaca") if cfg.api == "completions" else None
+        self._pending = iter(answering.todo)
+
+    def next_prompt(self, number: int):
+        item = next(self._pending, None)
+        if item is None:
+            return None
+        if self.template:
+            return item, self.template.format(item["instruction"], item["input"])
+        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        return item, system + [{"role": "user", "content": fold(item["instruction"], item["input"])}]
+
+    def accept(self, item: dict, reply: Reply) -> dict:
+        if reply.problem and reply.problem != "empty_reply":  # an empty answer is an answer, and loses
+            return {"id": item["id"], "records": [], "discarded": {}}
+        return {"id": item["id"], "records": [self.answering.record(item, reply.text or "")], "discarded": {}}
+
+    def done(self) -> int:
+        return len(self.answering.answered)
+
+    def finished(self) -> bool:
+        return self.done() == self.total
+
+
+def journal_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".journal.jsonl")
+
+
+def _finish(answering: Answering, output: Path, stop: str) -> int:
+    records = answering.in_order()
+    alpaca_eval = write_answers(output, records)
+    log(f"{len(records)} of {len(answering.items)} answers by {answering.generator} in {output} "
+        f"(AlpacaEval form: {alpaca_eval}); stopped: {stop}")
+    if len(records) < len(answering.items):
+        log("run the same command again to continue")
+    return EXIT_CODES.get(stop, 0)
+
+
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt

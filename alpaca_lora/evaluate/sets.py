@@ -1,0 +1,163 @@
+"""Evaluation sets: the instructions both sides answer, each item as ``id``, ``key``, ``instruction``,
+``input``, ``category`` and ``reference`` (the expected answer, where the set has one).
+
+- ``self-instruct-252`` (the default): Self-Instruct's 252 user-oriented instructions, the set of
+  Alpaca's blind comparison, downloaded once into the cache (or that file's local path). Each item's
+  instance input is used; ``motivation_app`` is its category.
+- AlpacaEval's format: a JSON list with ``instruction``, ``output`` (the reference), ``generator`` and
+  ``dataset`` (the category); inputs are already folded into the instruction.
+- Anything the training data loader reads in the Alpaca format (.json/.jsonl, URL, ``builtin:NAME``).
+
+``held_out=DIR`` takes the items a training run held out: the validation split of its data, drawn
+again from the run's own ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca_lora.data.loading import DataError, download, load_records
+from alpaca_lora.errors import UserError
+
+SELF_INSTRUCT_HOME = "https://raw.githubusercontent.com/yizhongw/self-instruct/main/human_eval"
+NAMED_SETS = {"self-instruct-252": f"{SELF_INSTRUCT_HOME}/user_oriented_instructions.jsonl"}
+DEFAULT_SET = "self-instruct-252"
+
+
+@dataclass
+class EvalSet:
+    items: list[dict]
+    source: str
+
+
+def fold(instruction: str, input_text: str = "") -> str:
+    """Instruction and input as one text, as AlpacaEval stores them."""
+    return instruction.strip() + (f"\n\n{input_text.strip()}" if input_text.strip() else "")
+
+
+def item_key(instruction: str, input_text: str = "") -> str:
+    """Names an instruction (with its input) in every format: answers are paired by it, judgments cached by it."""
+    return hashlib.sha256(" ".join(fold(instruction, input_text).split()).encode()).hexdigest()[:16]
+
+
+def make_item(item_id: str, instruction: str, input_text: str, category: str | None, reference: str | None) -> dict:
+    return {"id": item_id, "key": item_key(instruction, input_text), "instruction": instruction, "input": input_text,
+            "category": category or None, "reference": reference if reference and reference.strip() else None}
+
+
+def read_json_records(path: Path, label: str) -> list[tuple[str, object]]:
+    """(location, record) pairs of a JSON list or a JSONL file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{label}: cannot read file: {exc}") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return [(f"record [{i}]", record) for i, record in enumerate(data)]
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                pairs.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{label}: line {number}: not valid JSON ({exc.msg})") from None
+    return pairs
+
+
+def text_field(record: object, name: str, where: str, label: str, required: bool = True) -> str | None:
+    """A string field of a record, or one clear line naming the file, the record and the field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{label}: {where}: expected a JSON object, found a JSON {type(record).__name__}")
+    value = record.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        found = "it is missing" if value is None else f"found {type(value).__name__}"
+        raise DataError(f"{label}: {where}: field '{name}' must be a string ({found})")
+    return value
+
+
+def load_eval_set(spec: str | None = None, held_out: str | None = None, limit: int | None = None) -> EvalSet:
+    """The set named by ``spec`` (or the items ``held_out`` names), at most ``limit`` items; checked whole."""
+    if held_out:
+        eval_set = _held_out(held_out, spec)
+    else:
+        eval_set = _load(spec or DEFAULT_SET)
+    if not eval_set.items:
+        raise DataError(f"{eval_set.source}: no items")
+    keys: dict[str, str] = {}
+    for item in eval_set.items:
+        if item["key"] in keys:
+            raise DataError(f"{eval_set.source}: items '{keys[item['key']]}' and '{item['id']}' are the same "
+                            "instruction and input")
+        keys[item["key"]] = item["id"]
+    if limit is not None:
+        eval_set.items = eval_set.items[:limit]
+    return eval_set
+
+
+def _load(spec: str) -> EvalSet:
+    if spec in NAMED_SETS or spec.startswith(("http://", "https://")):
+        url = NAMED_SETS.get(spec, spec)
+        path, label = download(url), spec
+    else:
+        path, label = Path(spec).expanduser(), spec
+    if not path.is_file():  # builtin:NAME, a hub dataset id, or a path the loader explains
+        return _alpaca(spec)
+    records = read_json_records(path, label)
+    first = records[0][1] if records else {}
+    if isinstance(first, dict) and "instances" in first:
+        return EvalSet([_self_instruct_item(record, where, label) for where, record in records], label)
+    if isinstance(first, dict) and "input" not in first and ({"dataset", "generator"} & set(first)):
+        return EvalSet([_alpaca_eval_item(record, where, label, number)
+                        for number, (where, record) in enumerate(records)], label)
+    return _alpaca(str(path) if spec in NAMED_SETS else spec)
+
+
+def _self_instruct_item(record: object, where: str, label: str) -> dict:
+    instruction = text_field(record, "instruction", where, label)
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+        raise DataError(f"{label}: {where}: field 'instances' must be a non-empty list of objects")
+    input_text = text_field(instances[0], "input", where, label, required=False) or ""
+    reference = text_field(instances[0], "output", where, label, required=False)
+    item_id = text_field(record, "id", where, label, required=False) or where
+    category = text_field(record, "motivation_app", where, label, required=False)
+    return make_item(item_id, instruction, input_text, category, reference)
+
+
+def _alpaca_eval_item(record: object, where: str, label: str, number: int) -> dict:
+    instruction = text_field(record, "instruction", where, label)
+    reference = text_field(record, "output", where, label, required=False)
+    return make_item(str(number), instruction, "", text_field(record, "dataset", where, label, required=False),
+                     reference)
+
+
+def _alpaca(source: str) -> EvalSet:
+    data = load_records(source, need_output=False)
+    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"])
+                    for i, r in enumerate(data.records)], data.source)
+
+
+def _held_out(directory: str, spec: str | None) -> EvalSet:
+    from alpaca_lora.data.examples import split_records  # datasets and torch: only for this
+    from alpaca_lora.inference import training_config
+
+    trained = training_config(directory)
+    if not trained.get("data"):
+        raise UserError(f"held_out={directory}: no config.yaml of a training run there")
+    if spec and spec != trained["data"]:
+        raise UserError(f"held_out={directory} was trained on {trained['data']}, not set={spec}: leave set= out")
+    if not trained.get("val_set_size"):
+        raise UserError(f"held_out={directory}: that run trained on all of {trained['data']} (val_set_size=0); "
+                        "nothing was held out")
+    data = load_records(trained["data"], trained.get("columns") or None)
+    _, held = split_records(data.records, trained["val_set_size"], trained.get("seed", 42))
+    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"]) for i, r in enumerate(held)],
+                   f"{trained['data']} (held out by {directory})")
