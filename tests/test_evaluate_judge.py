@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_openai import FakeOpenAI, Fault, Reply
 
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.judge import SYSTEM_PROMPT, combine
-from fake_openai import Fault, FakeOpenAI, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,8 @@ def test_the_cache_a_rerun_costs_nothing_and_a_changed_answer_is_judged_alone(an
         assert len(server.received) == 14  # the rerun made no request
         again, _ = read_outputs(tmp_path / "out")
         assert again["usage"]["requests_this_run"] == 0 and again["usage"]["cost_usd"] == first["usage"]["cost_usd"]
-        assert {k: again[k] for k in ("wins_a", "wins_b", "ties")} == {k: first[k] for k in ("wins_a", "wins_b", "ties")}
+        tallies = ("wins_a", "wins_b", "ties")
+        assert [again[k] for k in tallies] == [first[k] for k in tallies]
         b = answers[1]
         lines = b.read_text().splitlines()
         changed = json.loads(lines[2])
