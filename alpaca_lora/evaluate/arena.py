@@ -69,7 +69,7 @@ class ArenaStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.transaction() as db:
+        with self.connect() as db:
             db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
 
     @contextmanager
@@ -215,6 +215,9 @@ def build_arena_page(arena: Arena):
     def start(voter: str):
         return [(voter or "").strip()] + show(voter)
 
+    def restore(remembered: str):  # on page load: a name typed meanwhile is left alone
+        return start(remembered) if remembered else [gr.update()] + show("")
+
     def cast(choice: str):
         def handler(ticket: str, voter: str):
             if ticket and not arena.vote(ticket, choice):
@@ -245,7 +248,7 @@ def build_arena_page(arena: Arena):
             results = gr.Markdown(elem_id="results")
 
         shown = [ticket, instruction, input_box, first, second, progress, *buttons]
-        page.load(start, memory, [voter, *shown])
+        page.load(restore, memory, [voter, *shown])
         start_button.click(start, voter, [memory, *shown])
         voter.submit(start, voter, [memory, *shown])
         for (choice, _label), button in zip(CHOICES, buttons):
