@@ -153,3 +153,17 @@ def test_arena_report_tallies_agreement_judge_and_csv(tmp_path, files, capsys):
     assert (tmp_path / "report" / "arena_1.png").stat().st_size > 5_000
     printed = capsys.readouterr().out
     assert "alpha wins 4 vs beta 3, 3 ties" in printed and "Cohen's kappa" in printed
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["a=x.jsonl"], "key 'b' must be set"),
+    (["a=x.jsonl", "b=y.jsonl", "auth_env=ARENA_TEST_UNSET"],
+     "key 'auth_env': ARENA_TEST_UNSET must hold user:password"),
+    (["a=x.jsonl", "b=y.jsonl", "port=http"], "key 'port'"),
+])
+def test_bad_arena_arguments_are_one_line_before_anything_starts(arguments, message, capsys, monkeypatch):
+    monkeypatch.delenv("ARENA_TEST_UNSET", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["arena", *arguments])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1

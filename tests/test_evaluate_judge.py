@@ -255,3 +255,24 @@ def test_sigkill_mid_run_loses_nothing_and_judges_nothing_twice(tmp_path):
     assert len(server.received) <= 60 + 2 * 3  # at most the requests in flight at each kill were asked again
     report, judgments = read_outputs(out)
     assert report["complete"] and len(judgments) == 30 and (report["wins_a"], report["wins_b"]) == (0, 10)
+
+
+def test_mine_against_text_davinci_003_as_alpaca_compared_itself(shared_data, tmp_path):
+    """``judge a=mine.jsonl b=text-davinci-003``: the published answers, paired with ours item by item."""
+    from test_evaluate import seed_download
+
+    from alpaca_lora.evaluate.answers import published_url
+    from alpaca_lora.evaluate.sets import load_eval_set
+
+    seed_download(published_url("text-davinci-003"), shared_data / "text_davinci_003_predictions.jsonl")
+    items = load_eval_set(str(shared_data / "user_oriented_instructions.jsonl")).items[:5]
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({**item, "output": "GOOD answer", "generator": "mine"}) + "\n"
+                            for item in items))
+    with FakeOpenAI(default=fair) as server:
+        assert main(["judge", f"a={mine}", "b=text-davinci-003", "judge_model=gpt-4o-mini",
+                     f"base_url={server.base_url}", f"output_dir={tmp_path / 'out'}"]) == 0
+    report, judgments = read_outputs(tmp_path / "out")
+    assert (report["a"], report["b"], report["pairs"], report["wins_a"]) == ("mine", "text-davinci-003", 5, 5)
+    assert set(report["per_category"]) == {item["category"] for item in items}
+    assert judgments[0]["output_b"].startswith("Have questions about my rate?") and len(server.received) == 10

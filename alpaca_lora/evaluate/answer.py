@@ -18,7 +18,7 @@ from alpaca_lora.data.loading import DataError
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
-from alpaca_lora.evaluate.answers import write_answers
+from alpaca_lora.evaluate.answers import file_name, write_answers
 from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
 from alpaca_lora.evaluate.settings import AnswerConfig
 from alpaca_lora.journal import Journal
@@ -83,7 +83,7 @@ def run_answer(cfg: AnswerConfig) -> int:
 
     model = LocalModel(cfg, cfg.batch_size)
     generator = cfg.generator or model.name
-    output = Path(cfg.output or f"outputs/evaluate/{generator}.jsonl")
+    output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
     answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
     log(f"{len(eval_set.items)} items of {eval_set.source}; {model.description}; "
         f"{len(answering.answered)} answered before")
@@ -107,7 +107,7 @@ def run_answer(cfg: AnswerConfig) -> int:
 
 def _answer_with_endpoint(cfg: AnswerConfig, eval_set: EvalSet) -> int:
     generator = cfg.generator or cfg.model
-    output = Path(cfg.output or f"outputs/evaluate/{generator}.jsonl")
+    output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
     answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
     endpoint = cfg.open_endpoint(cfg.model, cfg.api, endpoint_sampling(cfg))
     totals = Totals()

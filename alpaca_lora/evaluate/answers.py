@@ -13,6 +13,7 @@ prediction files, and the names of the models whose answers Self-Instruct publis
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,11 @@ class Pair:
     reference: str | None
     output_a: str
     output_b: str
+
+
+def file_name(generator: str) -> str:
+    """A generator's name as a file name: ``org/model`` becomes ``org_model``."""
+    return re.sub(r"[^\w.+-]+", "_", generator).strip("_.") or "answers"
 
 
 def published_url(name: str) -> str:

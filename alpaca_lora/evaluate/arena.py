@@ -270,13 +270,14 @@ def basic_auth(auth_env: str | None) -> tuple[str, str] | None:
 def run_arena(cfg) -> int:
     from alpaca_lora.evaluate.answers import load_answers, pair_answers
 
+    auth = basic_auth(cfg.auth_env)
     a, b = load_answers(cfg.a), load_answers(cfg.b)
     pairs, unmatched = pair_answers(a, b)
-    auth = basic_auth(cfg.auth_env)
     arena = ArenaStore(cfg.db).open_arena(a, b, pairs)
     page = build_arena_page(arena)
-    print(f"[arena] {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters); votes in {cfg.db}; "
-          f"http://{cfg.host}:{cfg.port}/", flush=True)
+    print(f"[arena] {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters)"
+          + (f", {unmatched} answered by one side only left out" if unmatched else "")
+          + f"; votes in {cfg.db}; http://{cfg.host}:{cfg.port}/", flush=True)
     page.queue(default_concurrency_limit=8).launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
                                                    auth=auth)
     return 0

@@ -90,8 +90,9 @@ def judge_agreement(arena: dict, votes: list[dict], judgments: list[dict]) -> di
 def arena_report(arena: dict, votes: list[dict], judgments: list[dict] | None) -> dict:
     rows = [{"winner": outcome(v), "category": v["category"]} for v in votes]
     voters = sorted({v["voter"] for v in votes})
-    report = build_report(arena["a"], arena["b"], rows, judge=f"{len(voters)} voters", pairs_total=len(rows),
-                          usage=None, with_position=False)
+    people = f"people ({len(voters)} voter{'s' if len(voters) != 1 else ''})"
+    report = build_report(arena["a"], arena["b"], rows, judge=people, pairs_total=len(rows), usage=None,
+                          with_position=False)
     decisive = [v for v in votes if v["choice"] in ("1", "2")]
     first = sum(v["choice"] == "1" for v in decisive)
     report.update(arena=arena["id"], a_file=arena["a_file"], b_file=arena["b_file"], votes=len(votes), voters=voters,

@@ -27,7 +27,7 @@ from pathlib import Path
 from alpaca_lora.data.loading import DataError
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
-from alpaca_lora.evaluate.answers import Pair, load_answers, pair_answers
+from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
 from alpaca_lora.evaluate.settings import JudgeConfig
@@ -195,7 +195,7 @@ def reference_judgments(pairs: list[Pair], generator_a: str, generator_b: str, s
 def run_judge(cfg: JudgeConfig) -> int:
     a, b = load_answers(cfg.a), load_answers(cfg.b)
     pairs, unmatched = pair_answers(a, b)
-    output_dir = Path(cfg.output_dir or f"outputs/evaluate/{a.generator}_vs_{b.generator}")
+    output_dir = Path(cfg.output_dir or f"outputs/evaluate/{file_name(a.generator)}_vs_{file_name(b.generator)}")
     log(f"{len(pairs)} items answered by both {a.generator} ({a.source}) and {b.generator} ({b.source})"
         + (f"; {unmatched} answered by one side only, left out" if unmatched else ""))
     if cfg.judge == "reference":

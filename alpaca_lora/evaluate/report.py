@@ -113,24 +113,24 @@ def plot_tallies(report: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [("overall", report)] + sorted(report["per_category"].items(), key=lambda kv: -kv[1]["win_rate_a"])
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows)), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 1.7 + 0.3 * len(rows)), dpi=120)
     labels = [f"{name} ({row['pairs']})" for name, row in rows]
     left = np.zeros(len(rows))
     for field, label, color in (("wins_a", f"A wins: {report['a']}", "#3b75af"), ("ties", "tie", "#c8c8c8"),
                                 ("wins_b", f"B wins: {report['b']}", "#ef8636")):
         shares = np.array([row[field] / row["pairs"] for _, row in rows])
-        ax.barh(labels, shares, left=left, color=color, label=label, edgecolor="white")
+        ax.barh(labels, shares, left=left, height=0.7, color=color, label=label, edgecolor="white")
         for y, (share, start, (_, row)) in enumerate(zip(shares, left, rows)):
             if share >= 0.06:
                 ax.text(start + share / 2, y, str(row[field]), ha="center", va="center", fontsize=8)
         left += shares
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of pairs (counts in the bars)")
+    ax.set_xlabel("share of pairs (counts in the bars; ties counted apart)")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.6 / (1.2 + 0.32 * len(rows))), ncol=3, fontsize=8,
-              frameon=False)
-    fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (1.7 + 0.3 * len(rows)), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
