@@ -85,6 +85,7 @@ def test_answer_with_a_local_model_resumes_without_answering_twice(alpaca_set, t
     assert [a["instruction"] for a in answers] == [r["instruction"] for r in RECORDS]
     assert answers[1]["input"] == "apple river stone" and answers[1]["reference"] == "stone river apple"
     assert all(a["generator"] == "tiny" and a["decoding"] == {"decoding": "greedy", "max_new_tokens": 6}
+               and a["model"] == {"model": str(tiny_model_dir), "adapter": None, "bits": None, "template": None}
                and isinstance(a["output"], str) for a in answers)
     alpaca_eval = alpaca_eval_outputs(tmp_path / "answers.alpaca_eval.json")
     assert [row["instruction"] for row in alpaca_eval] == [fold(r["instruction"], r["input"]) for r in RECORDS]
@@ -100,7 +101,11 @@ def test_a_resume_with_other_settings_is_refused(alpaca_set, tiny_model_dir, tmp
     assert main([*args, "max_new_tokens=4"]) == 0
     with pytest.raises(SystemExit):
         main([*args, "max_new_tokens=5"])
-    assert "use another output=" in capsys.readouterr().err
+    assert "answers made with decoding {'decoding': 'greedy', 'max_new_tokens': 4} (now {'decoding': 'greedy', " \
+           "'max_new_tokens': 5}); use another output=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "max_new_tokens=4", "bits=16"])
+    assert "'bits': None" in capsys.readouterr().err
 
 
 def test_answer_from_the_projects_own_server(fact_adapters, tmp_path, monkeypatch):
@@ -128,6 +133,7 @@ def test_answer_from_the_projects_own_server(fact_adapters, tmp_path, monkeypatc
     [answer] = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert answer["output"] == "Quibbletown." and answer["generator"] == "zorblax"
     assert answer["decoding"] == {"api": "chat", "system": None, "temperature": 0.0, "max_tokens": 20}
+    assert answer["model"] == {"base_url": base_url, "model": "zorblax"}
 
 
 def test_answer_through_an_endpoint_sends_the_system_prompt_and_resumes(alpaca_set, tmp_path, monkeypatch):

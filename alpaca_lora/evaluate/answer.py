@@ -42,6 +42,13 @@ def decoding_settings(cfg: AnswerConfig) -> dict:
     return settings
 
 
+def model_settings(cfg: AnswerConfig) -> dict:
+    """Which model answered, as the command named it; a resume must name the same."""
+    if cfg.uses_endpoint:
+        return {"base_url": cfg.base_url, "model": cfg.model}
+    return {"model": cfg.model, "adapter": cfg.adapter, "bits": cfg.bits, "template": cfg.template}
+
+
 def endpoint_sampling(cfg: AnswerConfig) -> dict:
     if cfg.decoding == "greedy":
         return {"temperature": 0.0, "max_tokens": cfg.max_new_tokens}
@@ -51,23 +58,28 @@ def endpoint_sampling(cfg: AnswerConfig) -> dict:
 class Answering:
     """The items still to answer and the answers so far, restored from the journal."""
 
-    def __init__(self, eval_set: EvalSet, generator: str, decoding: dict, journal: Journal):
-        self.items, self.generator, self.decoding, self.journal = eval_set.items, generator, decoding, journal
+    def __init__(self, eval_set: EvalSet, generator: str, cfg: AnswerConfig, journal: Journal):
+        self.items, self.generator, self.journal = eval_set.items, generator, journal
+        self.decoding, self.model = decoding_settings(cfg), model_settings(cfg)
         self.entries = journal.read()
         self.answered: dict[str, dict] = {}
         by_key = {item["key"]: item for item in self.items}
         for number, entry in enumerate(self.entries, start=1):
             for record in entry.get("records", []):
-                if record.get("generator") != generator or record.get("decoding") != decoding:
-                    raise DataError(f"{journal.path}: line {number}: answers by {record.get('generator')} with "
-                                    f"{record.get('decoding')}, not by {generator} with {decoding}; "
+                made = {name: record.get(name) for name in ("generator", "model", "decoding")}
+                wanted = {"generator": generator, "model": self.model, "decoding": self.decoding}
+                if made != wanted:
+                    differ = ", ".join(f"{name} {made[name]} (now {wanted[name]})" for name in made
+                                       if made[name] != wanted[name])
+                    raise DataError(f"{journal.path}: line {number}: answers made with {differ}; "
                                     "use another output=")
                 if record.get("key") in by_key:  # a smaller limit= this time: keep the others for later
                     self.answered[record["key"]] = record
         self.todo = [item for item in self.items if item["key"] not in self.answered]
 
     def record(self, item: dict, output: str) -> dict:
-        answer = {**item, "output": output.strip(), "generator": self.generator, "decoding": self.decoding}
+        answer = {**item, "output": output.strip(), "generator": self.generator, "model": self.model,
+                  "decoding": self.decoding}
         self.answered[item["key"]] = answer
         return answer
 
@@ -84,7 +96,7 @@ def run_answer(cfg: AnswerConfig) -> int:
     model = LocalModel(cfg, cfg.batch_size)
     generator = cfg.generator or model.name
     output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
-    answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
+    answering = Answering(eval_set, generator, cfg, Journal(journal_path(output)))
     log(f"{len(eval_set.items)} items of {eval_set.source}; {model.description}; "
         f"{len(answering.answered)} answered before")
     stop = "finished"
@@ -108,7 +120,7 @@ def run_answer(cfg: AnswerConfig) -> int:
 def _answer_with_endpoint(cfg: AnswerConfig, eval_set: EvalSet) -> int:
     generator = cfg.generator or cfg.model
     output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
-    answering = Answering(eval_set, generator, decoding_settings(cfg), Journal(journal_path(output)))
+    answering = Answering(eval_set, generator, cfg, Journal(journal_path(output)))
     endpoint = cfg.open_endpoint(cfg.model, cfg.api, endpoint_sampling(cfg))
     totals = Totals()
     for entry in answering.entries:

@@ -1,9 +1,9 @@
 """Answers files: what one generator answered on an evaluation set.
 
 Ours is JSONL, one line per item: ``id``, ``key``, ``instruction``, ``input``, ``output``, ``generator``,
-``category`` and ``reference`` (where the set has them) and the ``decoding`` settings used. Beside it,
-the same answers in AlpacaEval's ``model_outputs`` form (a JSON list of ``instruction`` with the input
-folded in, ``output``, ``generator``, ``dataset``), so ``alpaca_eval`` runs on them unchanged.
+``category`` and ``reference`` (where the set has them), and the ``model`` and ``decoding`` settings used.
+Beside it, the same answers in AlpacaEval's ``model_outputs`` form (a JSON list of ``instruction`` with the
+input folded in, ``output``, ``generator``, ``dataset``), so ``alpaca_eval`` runs on them unchanged.
 
 Wherever an answers file is expected, these are read too: AlpacaEval's form, Self-Instruct's
 prediction files, and the names of the models whose answers Self-Instruct published
