@@ -59,7 +59,7 @@ class Answering:
     """The items still to answer and the answers so far, restored from the journal."""
 
     def __init__(self, eval_set: EvalSet, generator: str, cfg: AnswerConfig, journal: Journal):
-        self.items, self.generator, self.journal = eval_set.items, generator, journal
+        self.items, self.source, self.generator, self.journal = eval_set.items, eval_set.source, generator, journal
         self.decoding, self.model = decoding_settings(cfg), model_settings(cfg)
         self.entries = journal.read()
         self.answered: dict[str, dict] = {}
@@ -88,22 +88,26 @@ class Answering:
 
 
 def run_answer(cfg: AnswerConfig) -> int:
-    eval_set = load_eval_set(cfg.set, cfg.held_out, cfg.limit)  # before any model is loaded
+    eval_set = load_eval_set(cfg.set, cfg.held_out, cfg.limit)  # the set and the journal are checked first
+    generator = cfg.generator or (cfg.model if cfg.uses_endpoint else Path(cfg.adapter or cfg.model).name)
+    output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
+    answering = Answering(eval_set, generator, cfg, Journal(journal_path(output)))
+    if not answering.todo:
+        return _finish(answering, output, "finished")
     if cfg.uses_endpoint:
-        return _answer_with_endpoint(cfg, eval_set)
+        return _answer_with_endpoint(cfg, answering, output)
+    return _answer_with_local_model(cfg, answering, output)
+
+
+def _answer_with_local_model(cfg: AnswerConfig, answering: Answering, output: Path) -> int:
     from alpaca_lora.evaluate.local import LocalModel
 
     model = LocalModel(cfg, cfg.batch_size)
-    generator = cfg.generator or model.name
-    output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
-    answering = Answering(eval_set, generator, cfg, Journal(journal_path(output)))
-    log(f"{len(eval_set.items)} items of {eval_set.source}; {model.description}; "
-        f"{len(answering.answered)} answered before")
+    log(f"{len(answering.items)} items; {model.description}; {len(answering.answered)} answered before")
     stop = "finished"
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
     try:
-        with tqdm(total=len(eval_set.items), initial=len(eval_set.items) - len(answering.todo), desc="answering",
-                  unit="item") as bar:
+        with tqdm(total=len(answering.items), initial=len(answering.answered), desc="answering", unit="item") as bar:
             for number, start in enumerate(range(0, len(answering.todo), cfg.batch_size), start=len(answering.entries)):
                 batch = answering.todo[start:start + cfg.batch_size]
                 outputs = model(batch, cfg)
@@ -117,17 +121,14 @@ def run_answer(cfg: AnswerConfig) -> int:
     return _finish(answering, output, stop)
 
 
-def _answer_with_endpoint(cfg: AnswerConfig, eval_set: EvalSet) -> int:
-    generator = cfg.generator or cfg.model
-    output = Path(cfg.output or f"outputs/evaluate/{file_name(generator)}.jsonl")
-    answering = Answering(eval_set, generator, cfg, Journal(journal_path(output)))
+def _answer_with_endpoint(cfg: AnswerConfig, answering: Answering, output: Path) -> int:
     endpoint = cfg.open_endpoint(cfg.model, cfg.api, endpoint_sampling(cfg))
     totals = Totals()
     for entry in answering.entries:
         totals.add(entry)
     job = AnswerJob(answering, cfg)
-    log(f"{len(eval_set.items)} items of {eval_set.source}; model {cfg.model} at {endpoint.client.base_url}, "
-        f"{cfg.api} API; {len(answering.answered)} answered before")
+    log(f"{len(answering.items)} items; model {cfg.model} at {endpoint.client.base_url}, {cfg.api} API; "
+        f"{len(answering.answered)} answered before")
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     started = time.monotonic()
     stop = run_requests(job, endpoint, answering.journal, cfg.budget(), totals, "answer", desc="answering")
@@ -177,7 +178,7 @@ def journal_path(output: Path) -> Path:
 def _finish(answering: Answering, output: Path, stop: str) -> int:
     records = answering.in_order()
     alpaca_eval = write_answers(output, records)
-    log(f"{len(records)} of {len(answering.items)} answers by {answering.generator} in {output} "
+    log(f"{len(records)} of {len(answering.items)} answers to {answering.source} by {answering.generator} in {output} "
         f"(AlpacaEval form: {alpaca_eval}); stopped: {stop}")
     if len(records) < len(answering.items):
         log("run the same command again to continue")
