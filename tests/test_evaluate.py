@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import FACT
-from fake_openai import FakeOpenAI, Reply
 
 from alpaca_lora.data.loading import download
+from alpaca_lora.endpoint.loopback import FakeOpenAI, Reply
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers, published_url
 from alpaca_lora.evaluate.sets import NAMED_SETS, fold, load_eval_set
@@ -85,7 +85,7 @@ def test_answer_with_a_local_model_resumes_without_answering_twice(alpaca_set, t
     assert [a["instruction"] for a in answers] == [r["instruction"] for r in RECORDS]
     assert answers[1]["input"] == "apple river stone" and answers[1]["reference"] == "stone river apple"
     assert all(a["generator"] == "tiny" and a["decoding"] == {"decoding": "greedy", "max_new_tokens": 6}
-               and a["model"] == {"model": str(tiny_model_dir), "adapter": None, "bits": None, "template": None}
+               and a["model"] == {"model": str(tiny_model_dir), "adapter": None, "bits": 16, "template": "alpaca"}
                and isinstance(a["output"], str) for a in answers)
     alpaca_eval = alpaca_eval_outputs(tmp_path / "answers.alpaca_eval.json")
     assert [row["instruction"] for row in alpaca_eval] == [fold(r["instruction"], r["input"]) for r in RECORDS]
@@ -104,18 +104,18 @@ def test_a_resume_with_other_settings_is_refused(alpaca_set, tiny_model_dir, tmp
     assert "answers made with decoding {'decoding': 'greedy', 'max_new_tokens': 4} (now {'decoding': 'greedy', " \
            "'max_new_tokens': 5}); use another output=" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([*args, "max_new_tokens=4", "bits=16"])
-    assert "'bits': None" in capsys.readouterr().err
+        main([*args, "max_new_tokens=4", "quant.bits=8"])
+    assert "'bits': 16" in capsys.readouterr().err
 
 
 def test_answer_from_the_projects_own_server(fact_adapters, tmp_path, monkeypatch):
     import uvicorn
 
-    from alpaca_lora.inference import load_for_inference
+    from alpaca_lora.inference import inference_settings, load_for_inference
     from alpaca_lora.serve import ServeConfig, create_app
 
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    cfg = ServeConfig(adapter=str(fact_adapters[16]), served_model_name="zorblax")
+    cfg = inference_settings(ServeConfig, adapter=str(fact_adapters[16]), served_model_name="zorblax")
     server = uvicorn.Server(uvicorn.Config(create_app(load_for_inference(cfg), cfg), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -219,7 +219,8 @@ def test_held_out_items_are_the_validation_split_of_the_training_run(tmp_path):
     from alpaca_lora.data.examples import split_records
 
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("config:\n  data: builtin:skills\n  val_set_size: 20\n  seed: 7\n")
+    saved = "config:\n  data: builtin:skills\n  val_set_size: 20\n  seed: 7\n"
+    (tmp_path / "run" / "training_config.yaml").write_text(saved)
     items = load_eval_set(held_out=str(tmp_path / "run")).items
     _, expected = split_records(skills(), 20, 7)
     assert [(i["instruction"], i["input"], i["reference"]) for i in items] == \

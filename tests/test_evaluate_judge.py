@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_openai import FakeOpenAI, Fault, Reply
 
+from alpaca_lora.endpoint.loopback import FakeOpenAI, Fault, Reply
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.judge import SYSTEM_PROMPT, combine
 
@@ -201,16 +201,17 @@ def test_max_cost_needs_a_price_and_nothing_is_sent_without_one(answers, tmp_pat
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["judge_model=x"], "key 'a' must be set"),
+    (["judge_model=x"], "error: key 'a' must be set\nerror: key 'b' must be set"),
     (["a=A", "b=B"], "key 'judge_model' must be set"),
     (["a=A", "b=B", "judge=oracle"], "key 'judge' must be one of llm, reference"),
     (["a=nowhere.jsonl", "b=B", "judge_model=x"], "nowhere.jsonl: no such answers file"),
 ])
-def test_bad_judge_arguments_are_one_line(arguments, message, capsys):
+def test_bad_judge_arguments_are_one_line_each(arguments, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["judge", *arguments])
     err = capsys.readouterr().err.strip()
-    assert stopped.value.code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert stopped.value.code == 2 and message in err
+    assert all(line.startswith("error: ") for line in err.splitlines())  # every problem, a line each
 
 
 def test_sigkill_mid_run_loses_nothing_and_judges_nothing_twice(tmp_path):

@@ -9,7 +9,7 @@ from typing import Optional
 from alpaca_lora.endpoint.client import Endpoint, price_per_million
 from alpaca_lora.endpoint.runner import Budget
 from alpaca_lora.errors import UserError
-from alpaca_lora.settings import ConfigError, key
+from alpaca_lora.settings import key
 
 
 @dataclass
@@ -28,8 +28,9 @@ class EndpointSettings:
     max_retries: int = key(5, "retries per request for 429, 5xx, timeouts and dropped connections (backoff, "
                                   "jitter)")
 
-    def check_endpoint_settings(self) -> None:
-        checks = [
+    def endpoint_checks(self) -> list[tuple]:
+        """The ``(ok, key, message)`` checks of these keys, for :func:`alpaca_lora.settings.check`."""
+        return [
             (self.concurrency >= 1, "concurrency", "must be at least 1"),
             (self.requests_per_minute is None or self.requests_per_minute > 0, "requests_per_minute",
              "must be positive"),
@@ -38,9 +39,6 @@ class EndpointSettings:
             (self.timeout > 0, "timeout", "must be positive"),
             (self.max_retries >= 0, "max_retries", "must be 0 or more"),
         ]
-        for ok, name, message in checks:
-            if not ok:
-                raise ConfigError(f"key '{name}' {message}")
 
     def open_endpoint(self, model: str, api: str, sampling: dict) -> Endpoint:
         """The priced endpoint for ``model``; ``max_cost`` without a known price is an error, before any request."""

@@ -8,33 +8,30 @@ are rewritten, in the set's order, at the end of every run.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alpaca_lora.data.loading import DataError
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.answers import file_name, write_answers
 from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
 from alpaca_lora.evaluate.settings import AnswerConfig
 from alpaca_lora.journal import Journal
+from alpaca_lora.logs import get_logger
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
-
-
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = get_logger(__name__).info
 
 
 def decoding_settings(cfg: AnswerConfig) -> dict:
     """What the answers record about how they were made; a resume must use the same."""
     if cfg.uses_endpoint:
         return {"api": cfg.api, "system": cfg.system, **endpoint_sampling(cfg),
-                **({"template": cfg.template or "alpaca"} if cfg.api == "completions" else {})}
+                **({"template": cfg.template} if cfg.api == "completions" else {})}
     settings = {"decoding": cfg.decoding, "max_new_tokens": cfg.max_new_tokens}
     for name in ("temperature", "top_p", "top_k", "num_beams", "repetition_penalty"):
         if getattr(cfg, name) is not None:
@@ -46,7 +43,7 @@ def model_settings(cfg: AnswerConfig) -> dict:
     """Which model answered, as the command named it; a resume must name the same."""
     if cfg.uses_endpoint:
         return {"base_url": cfg.base_url, "model": cfg.model}
-    return {"model": cfg.model, "adapter": cfg.adapter, "bits": cfg.bits, "template": cfg.template}
+    return {"model": cfg.model, "adapter": cfg.adapter, "bits": cfg.quant.bits, "template": cfg.template}
 
 
 def endpoint_sampling(cfg: AnswerConfig) -> dict:
@@ -147,7 +144,7 @@ class AnswerJob:
     def __init__(self, answering: Answering, cfg: AnswerConfig):
         self.answering, self.cfg = answering, cfg
         self.total = len(answering.items)
-        self.template = get_template(cfg.template or "alpaca") if cfg.api == "completions" else None
+        self.template = get_template(cfg.template) if cfg.api == "completions" else None
         self._pending = iter(answering.todo)
 
     def next_prompt(self, number: int):

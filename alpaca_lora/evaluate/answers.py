@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError, download
+from alpaca_lora.data.loading import download
+from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.sets import SELF_INSTRUCT_HOME, fold, make_item, read_json_records, text_field
 from alpaca_lora.paths import atomic_write_text
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alpaca_lora.errors import ConfigError
 from alpaca_lora.evaluate.answers import Answers, Pair
 from alpaca_lora.evaluate.report import tally
-from alpaca_lora.settings import ConfigError
+from alpaca_lora.logs import get_logger
 
 CHOICES = (("1", "Response 1 is better"), ("2", "Response 2 is better"), ("tie", "Tie"), ("bad", "Both are bad"))
 # The voter's name is kept in the browser's localStorage under this key (encrypted by Gradio with this
@@ -275,9 +276,9 @@ def run_arena(cfg) -> int:
     pairs, unmatched = pair_answers(a, b)
     arena = ArenaStore(cfg.db).open_arena(a, b, pairs)
     page = build_arena_page(arena)
-    print(f"[arena] {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters)"
+    get_logger(__name__).info(f"arena: {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters)"
           + (f", {unmatched} answered by one side only left out" if unmatched else "")
-          + f"; votes in {cfg.db}; http://{cfg.host}:{cfg.port}/", flush=True)
+          + f"; votes in {cfg.db}; http://{cfg.host}:{cfg.port}/")
     page.queue(default_concurrency_limit=8).launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
                                                    auth=auth)
     return 0

@@ -16,10 +16,11 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError
+from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.arena import ArenaStore, item_id
 from alpaca_lora.evaluate.report import build_report, format_report, write_report
 from alpaca_lora.evaluate.sets import read_json_records
+from alpaca_lora.logs import get_logger
 from alpaca_lora.paths import atomic_write_text
 
 CSV_FIELDS = ("arena", "a", "b", "voter", "item_id", "key", "category", "instruction", "input", "first", "choice",
@@ -152,6 +153,6 @@ def run_arena_report(cfg) -> int:
     every_vote = store.votes()
     atomic_write_text(output_dir / "votes.csv", votes_csv(every_vote))
     atomic_write_text(output_dir / "arena_report.json", json.dumps(reports, indent=2, ensure_ascii=False) + "\n")
-    print(f"[arena] {len(every_vote)} votes in {len(reports)} arenas: {output_dir / 'arena_report.json'}, "
-          f"charts arena_N.png, every vote in {output_dir / 'votes.csv'}", flush=True)
+    get_logger(__name__).info(f"{len(every_vote)} votes in {len(reports)} arenas: {output_dir / 'arena_report.json'}, "
+                              f"charts arena_N.png, every vote in {output_dir / 'votes.csv'}")
     return 0

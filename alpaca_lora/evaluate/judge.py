@@ -20,18 +20,18 @@ import hashlib
 import json
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
 from alpaca_lora.evaluate.settings import JudgeConfig
 from alpaca_lora.journal import Journal
+from alpaca_lora.logs import get_logger
 from alpaca_lora.paths import atomic_write_text
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
@@ -62,10 +62,7 @@ USER_PROMPT = """\
 [The End of Assistant B's Response]"""
 
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
-
-
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = get_logger(__name__).info
 
 
 def parse_verdict(reply: str | None) -> str | None:

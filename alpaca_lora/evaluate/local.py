@@ -7,12 +7,11 @@ The boundary: ``LocalModel(settings)`` loads the model; calling it with records 
 
 from __future__ import annotations
 
-from alpaca_lora.generate import generate_responses
-from alpaca_lora.inference import Decoding, ModelSettings, load_for_inference
+from alpaca_lora.inference import Decoding, InferenceModel, generate_batch, load_for_inference
 
 
 class LocalModel:
-    def __init__(self, settings: ModelSettings, batch_size: int):
+    def __init__(self, settings: InferenceModel, batch_size: int):
         self.loaded = load_for_inference(settings)
         self.batch_size = batch_size
         self.name = self.loaded.name
@@ -21,5 +20,6 @@ class LocalModel:
     def __call__(self, records: list[dict], decoding: Decoding) -> list[str]:
         kwargs = decoding.generate_kwargs()
         max_new_tokens = kwargs.pop("max_new_tokens")
-        return generate_responses(self.loaded.model, self.loaded.tokenizer, self.loaded.template, records,
-                                  max_new_tokens, batch_size=self.batch_size, **kwargs)
+        prompts = [self.loaded.prompt(record["instruction"], record["input"]) for record in records]
+        return generate_batch(self.loaded.model, self.loaded.tokenizer, prompts, max_new_tokens,
+                              batch_size=self.batch_size, **kwargs)

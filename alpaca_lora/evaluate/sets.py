@@ -9,18 +9,18 @@
 - Anything the training data loader reads in the Alpaca format (.json/.jsonl, URL, ``builtin:NAME``).
 
 ``held_out=DIR`` takes the items a training run held out: the validation split of its data, drawn
-again from the run's own ``config.yaml``.
+again from the run's own ``training_config.yaml``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca_lora.data.loading import DataError, download, load_records
-from alpaca_lora.errors import UserError
+from alpaca_lora.data.loading import download, load_records
+from alpaca_lora.errors import DataError, UserError
+from alpaca_lora.jsonfiles import parse_json, parse_json_lines, read_text
 
 SELF_INSTRUCT_HOME = "https://raw.githubusercontent.com/yizhongw/self-instruct/main/human_eval"
 NAMED_SETS = {"self-instruct-252": f"{SELF_INSTRUCT_HOME}/user_oriented_instructions.jsonl"}
@@ -50,24 +50,10 @@ def make_item(item_id: str, instruction: str, input_text: str, category: str | N
 
 def read_json_records(path: Path, label: str) -> list[tuple[str, object]]:
     """(location, record) pairs of a JSON list or a JSONL file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{label}: cannot read file: {exc}") from None
+    text = read_text(path, label)
     if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return [(f"record [{i}]", record) for i, record in enumerate(data)]
-    pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                pairs.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{label}: line {number}: not valid JSON ({exc.msg})") from None
-    return pairs
+        return [(f"record [{i}]", record) for i, record in enumerate(parse_json(text, label))]
+    return [(f"line {number}", record) for number, record in parse_json_lines(text, label)]
 
 
 def text_field(record: object, name: str, where: str, label: str, required: bool = True) -> str | None:
@@ -146,12 +132,12 @@ def _alpaca(source: str) -> EvalSet:
 
 
 def _held_out(directory: str, spec: str | None) -> EvalSet:
-    from alpaca_lora.data.examples import split_records  # datasets and torch: only for this
-    from alpaca_lora.inference import training_config
+    from alpaca_lora.data.examples import split_records  # datasets: only for this
+    from alpaca_lora.model_args import saved_config
 
-    trained = training_config(directory)
+    trained = saved_config(directory)
     if not trained.get("data"):
-        raise UserError(f"held_out={directory}: no config.yaml of a training run there")
+        raise UserError(f"held_out={directory}: no training_config.yaml of a training run there")
     if spec and spec != trained["data"]:
         raise UserError(f"held_out={directory} was trained on {trained['data']}, not set={spec}: leave set= out")
     if not trained.get("val_set_size"):

@@ -1,4 +1,4 @@
-"""The keys of ``python -m alpaca_lora.evaluate answer|judge|arena|arena report``, checked before any work."""
+"""The keys of ``alpaca-lora evaluate answer|judge`` and ``alpaca-lora arena [report]``, checked before any work."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Optional
 
 from alpaca_lora.endpoint.settings import EndpointSettings
-from alpaca_lora.inference import Decoding, ModelSettings
-from alpaca_lora.settings import ConfigError, build, key, parse_overrides
+from alpaca_lora.inference import Decoding, InferenceModel, load_inference_settings
+from alpaca_lora.settings import build, check, command_line, key
 
-TOOL = "alpaca_lora.evaluate"
+TOOL = "evaluate"
+ARENA = "arena"
 JUDGES = ("llm", "reference")
 
 
 @dataclass
-class AnswerConfig(ModelSettings, Decoding, EndpointSettings):
+class AnswerConfig(InferenceModel, Decoding, EndpointSettings):
     set: Optional[str] = key(None, "self-instruct-252 (default; downloaded once) or its local path, an Alpaca-format "
                                    "source (.json/.jsonl, URL, builtin:NAME) or an AlpacaEval-format JSON")
     held_out: Optional[str] = key(None, "answer the items this training run (an adapter directory) held out "
@@ -69,48 +70,48 @@ class ArenaReportConfig:
                                           "beside the database)")
 
 
-def load_settings(schema: type, argv: list[str], tool: str):
-    cfg = build(schema, [("command line", parse_overrides(argv))], tool)
-    for name in ("a", "b", "db"):
-        if hasattr(cfg, name) and not getattr(cfg, name):
-            raise ConfigError(f"key '{name}' must be set")
-    if isinstance(cfg, EndpointSettings):
-        cfg.check_endpoint_settings()
-    if isinstance(cfg, AnswerConfig):
-        check_answer_config(cfg)
-    if isinstance(cfg, JudgeConfig):
-        check_judge_config(cfg)
-    if isinstance(cfg, ArenaReportConfig) and not Path(cfg.db).is_file():
-        raise ConfigError(f"key 'db': {cfg.db}: no such database")
-    return cfg
-
-
-def check_answer_config(cfg: AnswerConfig) -> None:
+def load_answer_config(argv: list[str]) -> AnswerConfig:
+    """An adapter's (or a model directory's) saved model section first, as ``generate`` reads it."""
+    cfg: AnswerConfig = load_inference_settings(AnswerConfig, argv, f"{TOOL} answer")
     cfg.validate()
-    checks = [
+    endpoint = cfg.uses_endpoint
+    check(cfg.endpoint_checks() + [
         (cfg.limit is None or cfg.limit >= 1, "limit", "must be at least 1"),
         (cfg.batch_size >= 1, "batch_size", "must be at least 1"),
         (cfg.api in ("chat", "completions"), "api", "must be chat or completions"),
-        (bool(cfg.model) or bool(cfg.adapter), "model", "must be set (a local model, or with base_url the served "
-                                                        "model's name), or adapter="),
-    ]
-    if cfg.uses_endpoint:
-        checks += [
-            (not cfg.adapter, "adapter", "cannot be used with base_url (the server has its model loaded)"),
-            (cfg.decoding != "beam", "decoding", "beam needs a local model (OpenAI endpoints sample or are greedy)"),
-            (cfg.top_k is None, "top_k", "has no OpenAI request field; leave it unset with base_url"),
-            (cfg.repetition_penalty is None, "repetition_penalty", "has no OpenAI request field; leave it unset "
-                                                                  "with base_url"),
-        ]
-    for ok, name, message in checks:
-        if not ok:
-            raise ConfigError(f"key '{name}' {message}")
+        (bool(cfg.model), "model", "must be set (a local model, or with base_url the served model's name), "
+                                   "or adapter="),
+        (not endpoint or not cfg.adapter, "adapter", "cannot be used with base_url (the server has its model loaded)"),
+        (not endpoint or cfg.decoding != "beam", "decoding", "beam needs a local model (OpenAI endpoints sample or "
+                                                             "are greedy)"),
+        (not endpoint or cfg.top_k is None, "top_k", "has no OpenAI request field; leave it unset with base_url"),
+        (not endpoint or cfg.repetition_penalty is None, "repetition_penalty", "has no OpenAI request field; leave "
+                                                                               "it unset with base_url"),
+    ])
+    return cfg
 
 
-def check_judge_config(cfg: JudgeConfig) -> None:
-    if cfg.judge not in JUDGES:
-        raise ConfigError(f"key 'judge' must be one of {', '.join(JUDGES)}")
-    if cfg.judge == "llm" and not cfg.judge_model:
-        raise ConfigError("key 'judge_model' must be set (the judge model's name), or judge=reference")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise ConfigError("key 'max_tokens' must be at least 1")
+def load_judge_config(argv: list[str]) -> JudgeConfig:
+    cfg = build(JudgeConfig, [command_line(argv, JudgeConfig)], f"{TOOL} judge")
+    check(cfg.endpoint_checks() + [
+        (bool(cfg.a), "a", "must be set"),
+        (bool(cfg.b), "b", "must be set"),
+        (cfg.judge in JUDGES, "judge", f"must be one of {', '.join(JUDGES)}"),
+        (cfg.judge != "llm" or bool(cfg.judge_model), "judge_model", "must be set (the judge model's name), or "
+                                                                     "judge=reference"),
+        (cfg.max_tokens is None or cfg.max_tokens >= 1, "max_tokens", "must be at least 1"),
+    ])
+    return cfg
+
+
+def load_arena_config(argv: list[str]) -> ArenaConfig:
+    cfg = build(ArenaConfig, [command_line(argv, ArenaConfig)], ARENA)
+    check([(bool(cfg.a), "a", "must be set"), (bool(cfg.b), "b", "must be set")])
+    return cfg
+
+
+def load_arena_report_config(argv: list[str]) -> ArenaReportConfig:
+    cfg = build(ArenaReportConfig, [command_line(argv, ArenaReportConfig)], f"{ARENA} report")
+    check([(bool(cfg.db), "db", "must be set"),
+           (not cfg.db or Path(cfg.db).is_file(), "db", f": {cfg.db}: no such database")])
+    return cfg
