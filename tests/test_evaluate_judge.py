@@ -277,3 +277,14 @@ def test_mine_against_text_davinci_003_as_alpaca_compared_itself(shared_data, tm
     assert (report["a"], report["b"], report["pairs"], report["wins_a"]) == ("mine", "text-davinci-003", 5, 5)
     assert set(report["per_category"]) == {item["category"] for item in items}
     assert judgments[0]["output_b"].startswith("Have questions about my rate?") and len(server.received) == 10
+
+
+def test_identical_responses_are_a_tie_without_a_request(tmp_path):
+    a = write_answers(tmp_path / "a.jsonl", "model-a", ["GOOD 0", "same words"])
+    b = write_answers(tmp_path / "b.jsonl", "model-b", ["BAD 0", "same words"])
+    with FakeOpenAI(default=fair) as server:
+        assert judge(server, (a, b), tmp_path / "out") == 0
+    report, judgments = read_outputs(tmp_path / "out")
+    assert len(server.received) == 2 and all("same words" not in shown(r["body"]) for r in server.received)
+    assert report["complete"] and (report["wins_a"], report["ties"]) == (1, 1)
+    assert judgments[1]["identical"] and judgments[1]["winner"] == "tie"
