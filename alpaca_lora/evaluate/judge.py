@@ -9,6 +9,7 @@ same position (A twice, or B twice): the verdict followed the position, not the 
 
 Each request is journaled under a hash of (judge model, prompts, both responses), so a rerun in the
 same ``output_dir`` costs nothing, a stopped run resumes, and a changed answer is judged again alone.
+Two identical responses are a tie without asking.
 
 The reference judge (``judge=reference``) needs no endpoint: a response that equals the reference
 answer beats one that does not; both right or both wrong is a tie.
@@ -102,6 +103,8 @@ class JudgeJob:
         self.pairs, self.judge_model = pairs, judge_model
         self.units = {}  # hash -> (pair index, order, messages)
         for index, pair in enumerate(pairs):
+            if pair.output_a == pair.output_b:  # nothing to tell apart: a tie, not worth a request
+                continue
             for order in (0, 1):
                 messages = judge_messages(pair, order)
                 self.units[request_hash(judge_model, messages)] = (index, order, messages)
@@ -160,6 +163,10 @@ class JudgeJob:
                 by_pair.setdefault(index, {})[order] = self.final[key]
         judged = []
         for index, pair in enumerate(self.pairs):
+            if pair.output_a == pair.output_b:
+                judged.append({**pair_fields(pair, generator_a, generator_b), "verdicts": ["C", "C"], "winner": "tie",
+                               "replies": [None, None], "unparseable": 0, "identical": True})
+                continue
             orders = by_pair.get(index, {})
             if len(orders) < 2:
                 continue
