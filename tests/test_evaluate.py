@@ -1,7 +1,6 @@
 """Evaluation sets, answers files and ``answer`` (a tiny local model, the project's own server, a
 scripted endpoint), the AlpacaEval form read back, the published other side, and the reference judge."""
 
-import hashlib
 import json
 import shutil
 import threading
@@ -11,12 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import FACT
 
-from alpaca_lora.data.loading import download
+from alpaca_lora.data.loading import download, download_path
 from alpaca_lora.endpoint.loopback import FakeOpenAI, Reply
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers, published_url
 from alpaca_lora.evaluate.sets import NAMED_SETS, fold, load_eval_set
-from alpaca_lora.paths import cache_dir
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Reverse the order of the words.", "input": "apple river stone",
@@ -45,8 +43,8 @@ def alpaca_set(tmp_path):
 
 def seed_download(url: str, source: Path) -> None:
     """Puts a file where the download cache keeps ``url``, as a first download would (tests are offline)."""
-    shutil.copy(source, cache_dir("downloads") / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(url).name}")
-    assert download(url).read_bytes() == source.read_bytes()  # found there: nothing is fetched
+    shutil.copy(source, download_path(url))
+    assert download(url, lambda path, label: path.read_bytes()) == source.read_bytes()  # found: nothing fetched
 
 
 def test_the_252_set_from_the_shared_data_and_by_name_from_the_cache(shared_data):
@@ -149,7 +147,8 @@ def test_answer_through_an_endpoint_sends_the_system_prompt_and_resumes(alpaca_s
         assert main([*args, f"base_url={server.base_url}", "limit=1"]) == 0
         assert main([*args, f"base_url={server.base_url}"]) == 0
     assert len(server.received) == 3
-    body = server.received[1]["body"]
+    body = next(r["body"] for r in server.received  # requests run concurrently: found by content, not order
+                if r["body"]["messages"][-1]["content"].startswith("Reverse"))
     assert body["messages"] == [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": "Reverse the order of the words.\n\napple river stone"}]
     assert (body["temperature"], body["max_tokens"], body["model"]) == (0.7, 50, "gpt-4o-mini")

@@ -1,6 +1,6 @@
 """``answer``: one generator's answers on an evaluation set, from a local model or an endpoint.
 
-Every finished batch (local) or request (endpoint) is journaled beside the answers, so a killed run
+Every finished answer (local) or request (endpoint) is journaled beside the answers, so a killed run
 continues where it stopped and no item is answered twice; the answers file and its AlpacaEval form
 are rewritten, in the set's order, at the end of every run.
 """
@@ -105,14 +105,13 @@ def _answer_with_local_model(cfg: AnswerConfig, answering: Answering, output: Pa
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
     try:
         with tqdm(total=len(answering.items), initial=len(answering.answered), desc="answering", unit="item") as bar:
-            for number, start in enumerate(range(0, len(answering.todo), cfg.batch_size), start=len(answering.entries)):
-                batch = answering.todo[start:start + cfg.batch_size]
-                outputs = model(batch, cfg)
+            answers = model(answering.todo, cfg)
+            for number, (position, text) in enumerate(answers, start=len(answering.entries)):
                 answering.journal.append({"request": number, "mode": "answer", "prompt_tokens": 0,
                                           "completion_tokens": 0, "retries": 0, "problem": None, "error": None,
-                                          "records": [answering.record(item, out) for item, out in zip(batch, outputs)],
+                                          "records": [answering.record(answering.todo[position], text)],
                                           "discarded": {}})
-                bar.update(len(batch))
+                bar.update(1)
     except KeyboardInterrupt:
         stop = "interrupted"
     return _finish(answering, output, stop)

@@ -60,15 +60,18 @@ def published_url(name: str) -> str:
 def load_answers(spec: str) -> Answers:
     """An answers file in any of the forms above, or a published generator's name."""
     if spec in PUBLISHED:
-        path, label, default_name = download(published_url(spec)), spec, spec
-    elif spec.startswith(("http://", "https://")):
-        path, label = download(spec), spec
-        default_name = Path(spec.split("?", 1)[0]).stem.removesuffix("_predictions")
-    else:
-        path, label = Path(spec).expanduser(), spec
-        if not path.is_file():
-            raise DataError(f"{spec}: no such answers file (nor one of the published answers: {', '.join(PUBLISHED)})")
-        default_name = path.stem.removesuffix("_predictions")
+        return download(published_url(spec), lambda path, label: _read_answers(path, spec, spec))
+    if spec.startswith(("http://", "https://")):
+        name = Path(spec.split("?", 1)[0]).stem.removesuffix("_predictions")
+        return download(spec, lambda path, label: _read_answers(path, spec, name))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"{spec}: no such answers file (nor one of the published answers: {', '.join(PUBLISHED)})")
+    return _read_answers(path, spec, path.stem.removesuffix("_predictions"))
+
+
+def _read_answers(path: Path, label: str, default_name: str) -> Answers:
+    """The answers in ``path``; the generator is the one the records name, or ``default_name``."""
     records = [_answer(record, where, label, number) for number, (where, record)
                in enumerate(read_json_records(path, label))]
     if not records:

@@ -1,25 +1,28 @@
-"""The one place that knows how a local model answers a batch of instructions, so that ``answer`` can
-move to the shared batching engine by changing this file alone.
+"""The one place that knows how a local model answers instructions, so that ``answer`` follows the
+shared generation layer by changing this file alone.
 
-The boundary: ``LocalModel(settings)`` loads the model; calling it with records (``instruction``,
-``input``) and a :class:`Decoding` returns one response text per record.
+The boundary: ``LocalModel(settings, batch_size)`` loads the model; calling it with records
+(``instruction``, ``input``) and a :class:`Decoding` yields ``(position, response text)`` for each
+record as it finishes. Today the model's generation engine answers them, ``batch_size`` at a time
+(continuous batching; beam search and repetition_penalty go one at a time, as the engine decides).
 """
 
 from __future__ import annotations
 
-from alpaca_lora.inference import Decoding, InferenceModel, generate_batch, load_for_inference
+from typing import Iterator
+
+from alpaca_lora.engine import EngineSettings
+from alpaca_lora.inference import Decoding, InferenceModel, load_for_inference
 
 
 class LocalModel:
     def __init__(self, settings: InferenceModel, batch_size: int):
         self.loaded = load_for_inference(settings)
-        self.batch_size = batch_size
+        self.engine = self.loaded.engine(EngineSettings(max_batch=batch_size))  # its KV cache sized for the batch
         self.name = self.loaded.name
         self.description = self.loaded.description
 
-    def __call__(self, records: list[dict], decoding: Decoding) -> list[str]:
-        kwargs = decoding.generate_kwargs()
-        max_new_tokens = kwargs.pop("max_new_tokens")
-        prompts = [self.loaded.prompt(record["instruction"], record["input"]) for record in records]
-        return generate_batch(self.loaded.model, self.loaded.tokenizer, prompts, max_new_tokens,
-                              batch_size=self.batch_size, **kwargs)
+    def __call__(self, records: list[dict], decoding: Decoding) -> Iterator[tuple[int, str]]:
+        prompts = [self.loaded.encode(self.loaded.prompt(r["instruction"], r["input"])) for r in records]
+        for position, request in self.engine.generate_many(prompts, decoding.sampling()):
+            yield position, request.text

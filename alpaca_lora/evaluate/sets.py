@@ -90,12 +90,15 @@ def load_eval_set(spec: str | None = None, held_out: str | None = None, limit: i
 
 def _load(spec: str) -> EvalSet:
     if spec in NAMED_SETS or spec.startswith(("http://", "https://")):
-        url = NAMED_SETS.get(spec, spec)
-        path, label = download(url), spec
-    else:
-        path, label = Path(spec).expanduser(), spec
-    if not path.is_file():  # builtin:NAME, a hub dataset id, or a path the loader explains
-        return _alpaca(spec)
+        return download(NAMED_SETS.get(spec, spec), _read_set_file)  # checked before it enters the cache
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read_set_file(path, spec)
+    return _alpaca(spec, spec)  # builtin:NAME, a hub dataset id, or a path the loader explains
+
+
+def _read_set_file(path: Path, label: str) -> EvalSet:
+    """Self-Instruct's format, AlpacaEval's, or else Alpaca's, told apart by the first record's fields."""
     records = read_json_records(path, label)
     first = records[0][1] if records else {}
     if isinstance(first, dict) and "instances" in first:
@@ -103,7 +106,7 @@ def _load(spec: str) -> EvalSet:
     if isinstance(first, dict) and "input" not in first and ({"dataset", "generator"} & set(first)):
         return EvalSet([_alpaca_eval_item(record, where, label, number)
                         for number, (where, record) in enumerate(records)], label)
-    return _alpaca(str(path) if spec in NAMED_SETS else spec)
+    return _alpaca(str(path), label)
 
 
 def _self_instruct_item(record: object, where: str, label: str) -> dict:
@@ -125,10 +128,10 @@ def _alpaca_eval_item(record: object, where: str, label: str, number: int) -> di
                      reference)
 
 
-def _alpaca(source: str) -> EvalSet:
+def _alpaca(source: str, label: str) -> EvalSet:
     data = load_records(source, need_output=False)
     return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"])
-                    for i, r in enumerate(data.records)], data.source)
+                    for i, r in enumerate(data.records)], label)
 
 
 def _held_out(directory: str, spec: str | None) -> EvalSet:

@@ -26,7 +26,7 @@ class AnswerConfig(InferenceModel, Decoding, EndpointSettings):
                                       "and the AlpacaEval form are written beside it")
     generator: Optional[str] = key(None, "the name the answers go by (default: the adapter's, model's or "
                                          "served model's name)")
-    batch_size: int = key(8, "prompts per batch with a local model")
+    batch_size: int = key(8, "answers a local model generates together (its engine's max_batch)")
     api: str = key("chat", "with base_url: chat (instruction and input in one user message) or completions "
                            "(the prompt template, see template)")
     system: Optional[str] = key(None, "with base_url and api=chat: a system message sent before each instruction")
