@@ -20,6 +20,9 @@ COMMANDS = {
     "generate": ("alpaca_lora.generate", "answer an instruction, chat in the terminal, or answer a whole file"),
     "app": ("alpaca_lora.app", "a Gradio page to try a model in the browser"),
     "serve": ("alpaca_lora.serve", "an OpenAI-compatible API server"),
+    "evaluate": ("alpaca_lora.evaluate.__main__",
+                 "answer an evaluation set; judge two answer files pairwise (an LLM judge or the references)"),
+    "arena": ("alpaca_lora.evaluate.__main__", "blind pairwise votes by people in the browser; arena report"),
     "export": ("alpaca_lora.export", "a GGUF file for llama.cpp and Ollama, prompted as trained"),
 }
 DATA_MODES = ("generate", "regenerate", "clean")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return recipes(rest)
     if name == "data" and rest and rest[0] in DATA_MODES:
         rest = [f"mode={rest[0]}", *rest[1:]]
+    if name == "arena":  # the evaluation module's arena command
+        rest = ["arena", *rest]
     result = importlib.import_module(COMMANDS[name][0]).main(rest)
     return result if isinstance(result, int) else 0
 
