@@ -75,7 +75,14 @@ class TrainConfig(ModelArguments):
     weight_decay: float = key(0.0, "AdamW weight decay")
     max_grad_norm: float = key(0.3, "gradient clipping norm")
     gradient_checkpointing: bool = key(True, "recompute activations in the backward pass to save memory")
-    group_by_length: bool = key(True, "batch examples of similar length together (less padding, faster)")
+    group_by_length: bool = key(True, "batch examples of similar length together (less padding, faster; "
+                                      "not with packing)")
+    packing: bool = key(True, "pack examples into rows of max_length tokens, micro_batch_size rows per "
+                              "padding-free micro batch (TRL best-fit decreasing; exact: sequences never attend to "
+                              "each other)")
+    loss_at_targets: bool = key(True, "run the LM head and loss only where labels are trained (exact); false: "
+                                      "TRL's chunked head on every position")
+    token_metrics: bool = key(False, "also log entropy and token accuracy of the predictions (costs time)")
     logging_steps: int = key(10, "log the training loss every N steps")
     eval_steps: int = key(200, "evaluate on the validation split every N steps")
     save_steps: int = key(200, "write a resumable checkpoint every N steps")
@@ -249,7 +256,8 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
         bf16=runtime.bf16,
         use_cpu=runtime.device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        packing=cfg.packing,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,

@@ -46,6 +46,7 @@ class Setup:
     checkpointing: bool
     gpus: int
     fsdp: bool
+    packing: bool                     # micro_batch rows of seq_len tokens, concatenated into one padding-free sequence
     loss: str = "full"                # full: fp32 logits for every position; chunked: bf16 logits, fp32 per chunk
 
     @classmethod
@@ -56,7 +57,8 @@ class Setup:
                    lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout, adapter_bytes=4,
                    optimizer="adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
                    micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length,
-                   checkpointing=cfg.gradient_checkpointing, gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1)
+                   checkpointing=cfg.gradient_checkpointing, gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1,
+                   packing=cfg.packing)
 
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,7 +133,13 @@ def estimate(a: Architecture, s: Setup) -> Plan:
     else:
         activations = tokens * a.layers * per_layer
         label = "activations: every layer kept (no checkpointing)"
-    rows.append((f"{label}, {s.micro_batch} x {s.seq_len} tokens", activations))
+    # Padded micro batches reach micro_batch x seq_len tokens only with a full-length example; packed ones always do.
+    batch = (f"{s.micro_batch} packed rows x {s.seq_len} tokens in one sequence" if s.packing
+             else f"{s.micro_batch} x {s.seq_len} tokens")
+    rows.append((f"{label}, {batch}", activations))
+    if s.packing:  # SDPA keeps packed sequences apart with a boolean block-diagonal mask; flash-attention needs none
+        rows.append((f"attention mask of the packed sequence (SDPA; none with flash-attention 2): {tokens}^2 bytes",
+                     tokens * tokens))
     logits_bytes = 4 if s.loss == "full" else 2 + 4 / 8
     rows.append((f"logits and loss: {a.vocab} vocabulary x {tokens} tokens", a.vocab * tokens * logits_bytes))
     if s.fsdp:

@@ -33,6 +33,7 @@ from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
 from alpaca_lora.errors import ConfigError, DataError
 from alpaca_lora.logs import EVERY_RANK, get_logger
+from alpaca_lora.packing import BatchPlan, batch_plan
 from alpaca_lora.paths import atomic_write_text
 from alpaca_lora.settings import entry_point
 
@@ -50,6 +51,7 @@ class PreparedData:
     val_records: list[dict]
     summary: DataSummary
     checkpoint: str | None
+    batches: BatchPlan | None = None  # set once the run's accumulation and world size are known
 
     @property
     def has_eval(self) -> bool:
@@ -121,6 +123,10 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
         every_rank.info(f"rank {launcher.rank()} of {runtime.world_size}: global batch {cfg.batch_size} = micro "
                         f"batch {cfg.micro_batch_size} x accumulation {runtime.gradient_accumulation_steps(cfg)} x "
                         f"{runtime.world_size} ranks")
+    data.batches = batch_plan([len(ids) for ids in data.train_set["input_ids"]], cfg.max_length,
+                              cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg), runtime.world_size,
+                              cfg.packing)
+    logger.info("; ".join(data.batches.lines()))
     try:  # SFTConfig checks its own fields
         args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
     except ValueError as exc:
@@ -140,6 +146,7 @@ def setup_model(cfg: TrainConfig, runtime: Runtime, model_path: str):
     from peft import prepare_model_for_kbit_training
 
     from alpaca_lora.model import load_model
+    from alpaca_lora.trainer import select_attention
 
     if runtime.device == "cuda" and runtime.world_size > 1:
         torch.cuda.set_device(launcher.local_rank())  # each rank its own GPU (and its own quantized copy)
@@ -150,6 +157,7 @@ def setup_model(cfg: TrainConfig, runtime: Runtime, model_path: str):
     model = load_model(model_path, cfg, runtime.device, dtype=dtype, sharded=bool(runtime.fsdp))
     if quantized and not runtime.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    logger.info(f"attention: {select_attention(model, runtime.device, cfg.packing)}")
     return model
 
 
@@ -159,10 +167,12 @@ def setup_trainer(cfg: TrainConfig, runtime: Runtime, data: PreparedData, model,
     from trl import SFTTrainer
 
     from alpaca_lora.model import train_adapters_in_float32
+    from alpaca_lora.trainer import TargetLossSFTTrainer
 
     full = cfg.finetune == "full"
     torch.manual_seed(cfg.seed)
-    trainer = SFTTrainer(
+    own_loss = {"token_metrics": cfg.token_metrics} if cfg.loss_at_targets else {}
+    trainer = (TargetLossSFTTrainer if cfg.loss_at_targets else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=data.train_set,
@@ -170,6 +180,7 @@ def setup_trainer(cfg: TrainConfig, runtime: Runtime, data: PreparedData, model,
         processing_class=data.tokenizer,
         peft_config=None if full else LoraConfig(**lora_kwargs(cfg)),
         callbacks=list(callbacks or []) + load_callbacks(cfg.callbacks),
+        **own_loss,
     )
     if runtime.compute_dtype == "float32" and not full:
         train_adapters_in_float32(trainer.model)
@@ -183,7 +194,8 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
 
     output_dir = Path(cfg.output_dir)
     full = cfg.finetune == "full"
-    metrics = {"train": result.metrics, "data": data.summary.to_dict(), "log_history": trainer.state.log_history}
+    metrics = {"train": result.metrics, "data": data.summary.to_dict(), "batches": data.batches.to_dict(),
+               "log_history": trainer.state.log_history}
     if data.has_eval:
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
         final_is_logged = evals and evals[-1]["step"] == trainer.state.global_step
@@ -214,6 +226,26 @@ def _exact_match(model, data: PreparedData, records: list[dict], label: str):
     return exact_match(model, data.tokenizer, data.template, records, label) if records else None
 
 
+def dry_run_batches(cfg: TrainConfig, runtime: Runtime) -> list[str]:
+    """What packing does to the batches (rows, tokens per micro batch, steps per epoch), when the data and
+    the tokenizer are at hand; a dry run downloads nothing and loads no weights."""
+    from alpaca_lora.errors import UserError
+    from alpaca_lora.model import load_tokenizer, resolve_model
+
+    if not (cfg.data.startswith("builtin:") or Path(cfg.data).expanduser().is_file()):
+        return [f"batches: computed when training starts ({cfg.data} is not a local file)"]
+    try:
+        records = load_records(cfg.data, cfg.columns).records
+        train_records, _ = split_records(records, cfg.val_set_size, cfg.seed)
+        tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code)
+    except UserError as exc:
+        return [f"batches: computed when training starts ({str(exc).splitlines()[0]})"]
+    train_set, _ = tokenize_records(train_records, get_template(cfg.template), tokenizer, cfg.max_length,
+                                    cfg.truncation)
+    return batch_plan([len(ids) for ids in train_set["input_ids"]], cfg.max_length, cfg.micro_batch_size,
+                      runtime.gradient_accumulation_steps(cfg), runtime.world_size, cfg.packing).lines()
+
+
 def load_callbacks(paths: list[str]) -> list:
     callbacks = []
     for path in paths:
@@ -230,6 +262,8 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         runtime = resolve_runtime(cfg)
         if cfg.dry_run:
             print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
+            for line in dry_run_batches(cfg, runtime):  # on stderr: stdout stays the plan, pure YAML
+                logger.info(line)
             return None
         launcher.relaunch_if_needed(cfg, runtime, arguments)
         return train(cfg, runtime)

@@ -165,7 +165,7 @@ LAYERS = [
     ["errors", "paths", "logs", "jsonfiles", "settings", "journal", "plots"],
     ["data", "architectures", "model_args", "launcher", "endpoint", "adapter"],
     ["model", "config", "data.self_instruct"],
-    ["plan", "inference", "engine", "checkpoints"],
+    ["plan", "inference", "engine", "checkpoints", "packing", "trainer"],
     ["train", "merge", "generate", "app", "serve", "evaluate", "export"],
     ["cli"],
 ]

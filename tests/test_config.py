@@ -359,7 +359,8 @@ def test_qlora_gpu_plan(capsys):
         assert sft["num_train_epochs"] == pytest.approx(3.0)
         assert sft["max_steps"] == -1
         assert "fsdp" not in sft and sft["tf32"] is False
-        assert sft["train_sampling_strategy"] == "group_by_length"
+        assert sft["packing"] is True  # packed rows are all about max_length: no length grouping
+        assert sft["train_sampling_strategy"] == "random"
         assert sft["eval_strategy"] == "steps"  # qlora holds out 2000 rows
         assert sft["output_dir"] == "outputs/qlora"
 
