@@ -31,12 +31,12 @@ TRAINER_STATE = "trainer_state.json"
 # The keys a checkpoint must share with the run that resumes it. Its weights and optimizer state
 # belong to one base, one kind of fine-tune, one adapter shape and scale, one quantization. The
 # trainer resumes mid-epoch by skipping the batches it has seen, so the examples (data, columns,
-# template, max_length, truncation, masking), their split and order (val_set_size, seed) and the
-# batch size must not change either. Not compared: max_steps and num_epochs (lengthening a run is
-# what resuming is for), the learning-rate keys (a deliberate change), and the machine's keys
-# (device, nproc, micro_batch_size).
+# template, max_length, truncation, masking), their split and order (val_set_size, seed), the
+# batch size and the packing into rows must not change either. Not compared: max_steps and
+# num_epochs (lengthening a run is what resuming is for), the learning-rate keys (a deliberate
+# change), and the machine's keys (device, nproc, micro_batch_size, gradient_checkpointing).
 RUN_KEYS = ("model", "finetune", "quant.bits", "quant.quant_type", "quant.double_quant", "data", "columns",
-            "template", "max_length", "truncation", "train_on_inputs", "val_set_size", "seed", "batch_size")
+            "template", "max_length", "truncation", "train_on_inputs", "val_set_size", "seed", "batch_size", "packing")
 LORA_KEYS = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules")
 PATH_KEYS = ("model", "data", "template")
 # A run's files at the top of output_dir: the first ones mark a run; overwrite=true removes them all.

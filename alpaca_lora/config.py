@@ -74,12 +74,13 @@ class TrainConfig(ModelArguments):
     warmup: float = key(0.03, "learning-rate warmup: a fraction of the steps (<1) or a number of steps (>=1)")
     weight_decay: float = key(0.0, "AdamW weight decay")
     max_grad_norm: float = key(0.3, "gradient clipping norm")
-    gradient_checkpointing: bool = key(True, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: Any = key("auto", "recompute activations in the backward pass to save memory (about a "
+                                              "third more compute): true, false, or auto: off when the memory plan "
+                                              "without it stays under 80% of the device's memory, on otherwise")
     group_by_length: bool = key(True, "batch examples of similar length together (less padding, faster; "
                                       "not with packing)")
-    packing: bool = key(True, "pack examples into rows of max_length tokens, micro_batch_size rows per "
-                              "padding-free micro batch (TRL best-fit decreasing; exact: sequences never attend to "
-                              "each other)")
+    packing: bool = key(True, "pack examples into rows of max_length tokens, micro_batch_size rows per micro "
+                              "batch (TRL best-fit decreasing; exact: sequences never attend to each other)")
     loss_at_targets: bool = key(True, "run the LM head and loss only where labels are trained (exact); false: "
                                       "TRL's chunked head on every position")
     token_metrics: bool = key(False, "also log entropy and token accuracy of the predictions (costs time)")
@@ -174,6 +175,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.finetune == "lora" or cfg.quant.bits == 16, "quant.bits",
          "must be 16 with finetune=full (quantized weights cannot be trained)"),
         (cfg.nproc is None or cfg.nproc >= 1, "nproc", "must be at least 1"),
+        (cfg.gradient_checkpointing in (True, False, "auto"), "gradient_checkpointing", "must be true, false or auto"),
         (cfg.max_download_bytes >= 1, "max_download_bytes", "must be at least 1"),
         (not (cfg.overwrite and cfg.resuming), "overwrite",
          "cannot go with resume_from_checkpoint (resuming keeps the run in output_dir, overwrite replaces it)"),
@@ -236,6 +238,12 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime("cpu", dtype, optim, False, notes, world)
 
 
+def checkpointing(cfg: TrainConfig) -> bool:
+    """Gradient checkpointing on or off; ``auto`` not yet decided by the memory plan (``plan.decide_checkpointing``)
+    counts as on, the choice that cannot run out of memory for it."""
+    return cfg.gradient_checkpointing is not False
+
+
 def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, Any]:
     """The SFTConfig this run uses, by Hugging Face field names (dry_run prints exactly this)."""
     kwargs = dict(
@@ -255,7 +263,7 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
         optim=runtime.optim,
         bf16=runtime.bf16,
         use_cpu=runtime.device == "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=checkpointing(cfg),
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         packing=cfg.packing,
         logging_steps=cfg.logging_steps,
@@ -270,7 +278,7 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
     )
     if runtime.fsdp:
         kwargs.update(fsdp=runtime.fsdp, fsdp_config=dict(cfg.fsdp_config))
-    if cfg.gradient_checkpointing and runtime.fsdp:  # re-entrant checkpointing is what FSDP wraps correctly
+    if checkpointing(cfg) and runtime.fsdp:  # re-entrant checkpointing is what FSDP wraps correctly
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     kwargs.update(cfg.sft)
     return kwargs

@@ -2,9 +2,10 @@
 
 Computed from the tokenized example lengths with TRL's own best-fit-decreasing packer (the one
 SFTTrainer runs with ``packing=True``), so the figures are the ones training sees. With packing, a
-micro batch is ``micro_batch_size`` rows of up to ``max_length`` tokens each, which TRL's
-padding-free collator concatenates into one sequence: activation memory is for
-``micro_batch_size x max_length`` tokens, and an optimizer step sees more examples than without.
+micro batch is ``micro_batch_size`` rows of up to ``max_length`` tokens each (kept as rows for SDPA
+and eager attention, concatenated into one sequence for flash-attention's variable-length kernels):
+activation memory is for ``micro_batch_size x max_length`` tokens, and an optimizer step sees more
+examples than without.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class BatchPlan:
         fill = self.tokens / max(self.rows * self.max_length, 1)
         return [f"packing: {self.examples} examples into {self.rows} rows of at most {self.max_length} tokens "
                 f"({self.examples / max(self.rows, 1):.1f} examples per row, {fill:.0%} full)",
-                f"micro batch: {self.micro_batch_size} rows in one padding-free sequence, "
+                f"micro batch: {self.micro_batch_size} packed rows, "
                 f"~{self.tokens_per_micro_batch:.0f} real tokens (at most {self.micro_batch_size * self.max_length})",
                 f"{self.steps_per_epoch} optimizer steps per epoch of ~{self.examples_per_step:.1f} examples each "
                 f"(without packing: {self.unpacked_steps_per_epoch})"]

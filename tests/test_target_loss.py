@@ -96,12 +96,14 @@ def test_head_runs_only_at_targets(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 def test_logging_only_metrics_skipped_unless_asked(tiny_model_dir, tiny_tokenizer, tmp_path):
     trl_trainer, ours, model = _trainers(tiny_model_dir, tiny_tokenizer, tmp_path, packing=True)
-    batch = next(iter(ours.get_train_dataloader()))
+    rows = [ours.train_dataset[i] for i in range(3)]
+    batch = ours.data_collator(rows)  # packed rows of unequal length: the shorter ones padded
+    assert len({len(row["input_ids"]) for row in rows}) > 1 and "attention_mask" not in batch
     with torch.no_grad():
         ours.compute_loss(model, dict(batch))
         trl_trainer.compute_loss(model, dict(batch))
     assert "entropy" not in ours._metrics["train"] and "mean_token_accuracy" not in ours._metrics["train"]
-    assert ours._metrics["train"]["num_tokens"] == trl_trainer._metrics["train"]["num_tokens"]
+    assert ours._metrics["train"]["num_tokens"] == [sum(len(row["input_ids"]) for row in rows)]  # padding not counted
 
     _, asked, model = _trainers(tiny_model_dir, tiny_tokenizer, tmp_path / "asked", packing=True, token_metrics=True)
     with torch.no_grad():
