@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,9 @@ USER_CACHE = os.environ.get("ALPACA_LORA_CACHE")
 
 
 def repository() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    """pyproject.toml's ``[project.urls] Repository`` (read as text: tomllib is not in Python 3.10)."""
+    urls = (REPO / "pyproject.toml").read_text().split("[project.urls]", 1)[1].split("\n[", 1)[0]
+    return re.search(r'^Repository = "([^"]+)"', urls, re.M)[1]
 
 
 def colab_url() -> str:
