@@ -198,3 +198,20 @@ def test_the_colab_badges_and_the_install_point_at_the_declared_repository():
     assert readme_badges and set(readme_badges) == {colab_url()}
     install = cell(nb, "install").source
     assert f'REPOSITORY = "{repository()}"' in install and '"alpaca-lora @ git+{REPOSITORY}"' in install
+
+
+def test_the_t4_plan_and_training_command_are_valid(monkeypatch, tmp_path, capsys):
+    """The normal mode's plan and training command (a T4: float16, its memory), as the notebook builds them: the plan
+    fits, and the training command passes a dry run, so its keys and values are ones train takes."""
+    from alpaca_lora.cli import main
+
+    monkeypatch.delenv("ALPACA_LORA_SMOKE", raising=False)
+    nb, calls = read_notebook(), []
+    scope = {"run": lambda *args: calls.append([str(a) for a in args])}
+    exec(cell(nb, "parameters").source, scope)
+    scope.update(OUTPUT_DIR=str(tmp_path), COMPUTE_DTYPE="float16", GPU_MEMORY="14.75GiB")
+    exec(cell(nb, "plan").source, scope)
+    assert [args[0] for args in calls] == ["plan"] and "device=cuda" in scope["TRAIN"]
+    assert main(calls[0]) == 0 and "fits in 14.8 GiB" in capsys.readouterr().out
+    assert main(["train", *scope["TRAIN"], "dry_run=true"]) == 0
+    assert "bnb_4bit_compute_dtype: float16" in capsys.readouterr().out  # the T4's dtype reaches bitsandbytes
