@@ -163,7 +163,15 @@ def validators() -> dict:
 
         found["evaluate"] = evaluate
     if "arena" in cli.COMMANDS:
-        found["arena"] = lambda args: found["evaluate"](["arena", *args])
+        def arena(args: list[str]):
+            cfg = found["evaluate"](["arena", *args])
+            if args[:1] != ["report"]:  # the arena opens its votes database when it starts; the README's
+                from alpaca_lora.evaluate.arena import ArenaStore  # `arena report` after it reads that database
+
+                ArenaStore(cfg.db)
+            return cfg
+
+        found["arena"] = arena
     return found
 
 
