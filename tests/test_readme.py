@@ -11,8 +11,9 @@ In a workspace where ``outputs/demo`` is a real adapter (trained on the tests' t
   ``arena``, ``generate input_file=``) is parsed and checked by its stage's own loader, so a renamed or removed
   key fails here;
 - other programs: ``make`` targets exist (``make -n``), the Slurm script is valid bash, benchmark scripts answer
-  ``--help``; Ollama, llama.cpp, vLLM and ``transformers serve`` are not checked here (not installed; the export
-  tests check what they read).
+  ``--help``, diagnostics (``python -c ...``, ``python -m bitsandbytes``) run; Ollama, llama.cpp, vLLM and
+  ``transformers serve`` are not checked here (not installed; the export tests check what they read);
+- every link to a section (``[...](#anchor)``) names a heading that exists, as GitHub spells its anchor.
 """
 
 from __future__ import annotations
@@ -235,6 +236,10 @@ def test_readme_command(command, in_workspace, monkeypatch, capsys):
         done = subprocess.run([sys.executable, str(REPO / command.argv[1]), "--help"], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         assert done.returncode == 0, f"{command}: {done.stderr}"
+    elif program == "python" and command.argv[1] in ("-c", "-m"):  # diagnostics (python -m bitsandbytes, ...)
+        done = subprocess.run([sys.executable, *command.argv[1:]], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **command.env})
+        assert done.returncode == 0, f"{command}: {done.stderr}"
     else:
         assert program in NOT_CHECKED, f"{command}: not exercised by any test (add it to tests/test_readme.py)"
         pytest.skip(f"{program}: {NOT_CHECKED[program]}")
@@ -299,3 +304,21 @@ def test_the_gradio_client_snippet_against_the_readme_app(in_workspace):
         assert isinstance(scope["answer"], str) and "What is the capital of France?" in scope["prompt"]
     finally:
         page.close()
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_section_link_resolves():
+    """A renamed heading would otherwise leave its links pointing nowhere, with no error anywhere."""
+    text = FENCE.sub("", README.read_text())  # a '#' line inside a code block is not a heading
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        anchor = github_anchor(heading)
+        anchors.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)  # repeats get -1, -2, ...
+        seen[anchor] = seen.get(anchor, 0) + 1
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links, "the README links to its sections"
+    assert sorted(set(links) - anchors) == [], "links to sections that do not exist"
