@@ -76,7 +76,7 @@ class TrainConfig(ModelArguments):
     max_grad_norm: float = key(0.3, "gradient clipping norm")
     gradient_checkpointing: Any = key("auto", "recompute activations in the backward pass to save memory (about a "
                                               "third more compute): true, false, or auto: off when the memory plan "
-                                              "without it stays under 80% of the device's memory, on otherwise")
+                                              "without it stays under 70% of the device's memory, on otherwise")
     group_by_length: bool = key(True, "batch examples of similar length together (less padding, faster; "
                                       "not with packing)")
     packing: bool = key(True, "pack examples into rows of max_length tokens, micro_batch_size rows per micro "

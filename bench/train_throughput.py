@@ -10,7 +10,7 @@ differs:
   examples (prompt masked, response truncated before EOS), TRL best-fit-decreasing packing (packed
   rows kept apart by position ids), the LM head and loss only at target positions
   (``alpaca_lora.trainer``), and ``gradient_checkpointing=auto``: off when the memory plan without
-  it fits in 80% of the device's memory (here it does), on otherwise;
+  it fits in 70% of the device's memory (here it does), on otherwise;
 * ``ours_checkpointed``: the same with gradient checkpointing on, as the two pipelines below have it:
   what packing and the LM head at targets give alone;
 * ``ours_before``: the previous ``qlora`` path: padded micro batches grouped by length, TRL's own

@@ -452,7 +452,7 @@ def test_demo_plan(capsys):
     assert plan["quantization"]["bnb_4bit_compute_dtype"] == "float32"
     sft = plan["sft_config"]
     assert sft["use_cpu"] is True and sft["bf16"] is False
-    assert sft["max_steps"] == 200 and sft["learning_rate"] == 3e-4
+    assert sft["max_steps"] == 140 and sft["learning_rate"] == 1e-3
     assert sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"] == config["batch_size"]
     assert plan["runtime"]["device"] == "cpu"
 

@@ -109,7 +109,7 @@ def test_auto_checkpointing_is_off_only_when_the_plan_without_it_fits(memory, on
     decided, why = decide_checkpointing(cfg, cfg.model, 1, memory)
     assert decided.gradient_checkpointing is on and why.startswith(f"gradient checkpointing {'on' if on else 'off'}")
     without = estimate(ARCHITECTURES["llama-2-7b"], replace(planned(micro_batch=4, seq_len=512), checkpointing=False))
-    assert (without.total > 0.8 * memory) is on  # the rule: off only under 80% of the memory
+    assert (without.total > 0.7 * memory) is on  # the rule: off only under 70% of the memory
 
 
 def test_checkpointing_set_by_hand_or_without_a_plan_is_on_or_as_set(tmp_path):
