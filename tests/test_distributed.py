@@ -36,19 +36,21 @@ def run_two_ranks(tmp_path, tiny_model_dir, *overrides):
     return result.stdout + result.stderr
 
 
-def check_ranks(tmp_path, log):
+def check_ranks(tmp_path, log, packed: bool):
     assert "[alpaca-lora] 2 processes: re-launching through torch.distributed.run" in log
     for rank in (0, 1):  # both ranks agree on the world size and the global batch
         assert f"rank {rank} of 2: global batch 4 = micro batch 1 x accumulation 2 x 2 ranks" in log
     shards = [json.loads((tmp_path / "shards" / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["world_size"] for s in shards] == [2, 2]
     first, second = ({tuple(r) for r in s["examples"]} for s in shards)
-    assert len(first) == len(second) == 8 and not first & second  # disjoint halves of the 16 examples
+    assert first and second and not first & second and len(first | second) == 16  # every example, on one rank
+    if not packed:  # one example per row: the rows, and so the examples, halve
+        assert len(first) == len(second) == 8
 
 
 def test_lora_on_two_cpu_ranks_from_one_command(tmp_path, tiny_model_dir):
     log = run_two_ranks(tmp_path, tiny_model_dir, "recipe=qlora")
-    check_ranks(tmp_path, log)
+    check_ranks(tmp_path, log, packed=True)
     assert log.count("[alpaca-lora] adapter:") == 1  # exactly one rank writes the outputs
     assert log.count("[alpaca-lora] data:") == 1 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["train_loss"] > 0
@@ -57,7 +59,7 @@ def test_lora_on_two_cpu_ranks_from_one_command(tmp_path, tiny_model_dir):
 
 def test_full_fsdp_recipe_launches_and_writes_one_consolidated_model(tmp_path, tiny_model_dir):
     log = run_two_ranks(tmp_path, tiny_model_dir, "recipe=full_fsdp")
-    check_ranks(tmp_path, log)
+    check_ranks(tmp_path, log, packed=False)
     assert "no FSDP sharding (it needs GPUs): several CPU ranks run data-parallel (DDP over gloo)" in log
     assert log.count("[alpaca-lora] model:") == 1
     out = tmp_path / "out"
