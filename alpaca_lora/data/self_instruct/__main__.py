@@ -18,8 +18,7 @@ from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
 from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_builder_config
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.endpoint.client import Endpoint, price_per_million
-from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Budget, Totals, run_requests, summary
+from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.errors import UserError
 from alpaca_lora.journal import Journal
 from alpaca_lora.logs import get_logger
@@ -44,20 +43,15 @@ def ask_teacher(cfg: BuilderConfig) -> int:
     else:
         data = load_records(cfg.input, max_download_bytes=cfg.max_download_bytes)
         job = RegenerateJob(data.records, get_template(cfg.template), data.source)
-    price = price_per_million(cfg.model, cfg.prices, cfg.price_input, cfg.price_output)
-    if cfg.max_cost is not None and price is None:
-        raise UserError(f"max_cost needs a price for model '{cfg.model}': set price_input and price_output "
-                        "(USD per million tokens) or prices=FILE")
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                "stop": cfg.stop_sequences or None, "extra_body": cfg.extra_body or None}
+    teacher = cfg.open_endpoint(cfg.model, cfg.api, sampling)  # max_cost without a price: refused here
     journal = Journal(cfg.journal_path)
     entries = journal.read()
     job.restore(entries, journal)
     totals = Totals()
     for entry in entries:
         totals.add(entry)
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                "stop": cfg.stop_sequences or None, "extra_body": cfg.extra_body or None}
-    teacher = Endpoint(cfg.model, cfg.base_url, cfg.api, {k: v for k, v in sampling.items() if v is not None},
-                      cfg.timeout, cfg.max_retries, price)
     log(f"{cfg.mode}: model {cfg.model} at {teacher.client.base_url}, {cfg.api} API, "
         f"{cfg.concurrency} requests in flight; journal {journal.path}")
     if entries:
@@ -65,7 +59,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
 
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
     started = time.monotonic()
-    budget = Budget(cfg.concurrency, cfg.requests_per_minute, cfg.max_requests, cfg.max_cost)
+    budget = cfg.budget()
     stop = run_requests(job, teacher, journal, budget, totals, cfg.mode, desc=cfg.mode)
     records = job.final_records()
     atomic_write_text(cfg.output_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")

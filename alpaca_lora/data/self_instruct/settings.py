@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP
 from alpaca_lora.data.self_instruct.tasks import STANFORD_SEED_TASKS
+from alpaca_lora.endpoint.settings import EndpointSettings
 from alpaca_lora.settings import build, check, command_line, key
 
 TOOL = "data"
@@ -15,12 +16,12 @@ MODES = ("generate", "regenerate", "clean")
 
 
 @dataclass
-class BuilderConfig:
+class BuilderConfig(EndpointSettings):
+    """The builder's own keys, after the endpoint keys every caller of an endpoint takes."""
+
     mode: str = key("generate", "generate: new instructions; regenerate: new outputs for input=; "
                                 "clean: input= by heuristics")
     model: Optional[str] = key(None, "the teacher model's name at the endpoint (generate, regenerate)")
-    base_url: Optional[str] = key(None, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: "
-                                        "OPENAI_BASE_URL or OpenAI); the key is read from OPENAI_API_KEY only")
     api: str = key("chat", "chat (chat completions) or completions (the legacy text completions endpoint)")
     seed_tasks: str = key(STANFORD_SEED_TASKS, "the 175 Self-Instruct seed tasks (JSONL path or URL, cached)")
     prompt_file: Optional[str] = key(None, "generation prompt text file (default: this project's own prompt)")
@@ -32,14 +33,6 @@ class BuilderConfig:
                                       "(default: outputs/self_instruct/alpaca_data.json, "
                                       "or INPUT.regenerated/.clean.json)")
     template: str = key("alpaca", "prompt template for regenerate: the prompt the fine-tuned model will see")
-    concurrency: int = key(8, "requests in flight at once")
-    requests_per_minute: Optional[float] = key(None, "start requests at this steady rate at most")
-    max_requests: Optional[int] = key(None, "stop (resumably) after this many requests in all, across resumes")
-    max_cost: Optional[float] = key(None, "stop (resumably) before the spend in USD would pass this, across resumes")
-    prices: Optional[str] = key(None, "YAML/JSON file {model: {input: USD, output: USD}} per million tokens, "
-                                      "over the built-in table")
-    price_input: Optional[float] = key(None, "USD per million prompt tokens for this model (overrides the table)")
-    price_output: Optional[float] = key(None, "USD per million completion tokens for this model")
     similarity: float = key(0.7, "drop an instruction whose ROUGE-L F1 with a seed or kept one is above this")
     temperature: Optional[float] = key(1.0, "sampling temperature (Stanford: 1.0); null to leave it to the server")
     top_p: Optional[float] = key(1.0, "nucleus sampling (Stanford: 1.0); null to leave it to the server")
@@ -48,9 +41,6 @@ class BuilderConfig:
                                           "[] for none")
     extra_body: Dict[str, Any] = key({}, "more request fields for the endpoint, "
                                          "e.g. extra_body.max_completion_tokens=4096")
-    timeout: float = key(120.0, "seconds before a request is abandoned and retried")
-    max_retries: int = key(5, "retries per request for 429, 5xx, timeouts and dropped connections "
-                              "(backoff with jitter)")
     seed: int = key(0, "seed for the choice of example tasks (request N always shows the same ones)")
     max_download_bytes: int = key(MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP)
 
@@ -77,7 +67,7 @@ class BuilderConfig:
 
 def load_builder_config(overrides: list[str]) -> BuilderConfig:
     cfg: BuilderConfig = build(BuilderConfig, [command_line(overrides, BuilderConfig)], TOOL)
-    check([
+    check(cfg.endpoint_checks() + [
         (cfg.mode in MODES, "mode", f"must be one of {', '.join(MODES)}"),
         (cfg.mode == "clean" or bool(cfg.model), "model", "must be set (the teacher model's name)"),
         (cfg.mode not in ("regenerate", "clean") or bool(cfg.input), "input", f"must be set for mode={cfg.mode}"),
@@ -85,13 +75,7 @@ def load_builder_config(overrides: list[str]) -> BuilderConfig:
         (cfg.prompt_tasks >= 1, "prompt_tasks", "must be at least 1"),
         (cfg.tasks_per_request > cfg.prompt_tasks, "tasks_per_request", "must be more than prompt_tasks"),
         (cfg.target >= 1, "target", "must be at least 1"),
-        (cfg.concurrency >= 1, "concurrency", "must be at least 1"),
-        (cfg.requests_per_minute is None or cfg.requests_per_minute > 0, "requests_per_minute", "must be positive"),
-        (cfg.max_requests is None or cfg.max_requests >= 1, "max_requests", "must be at least 1"),
-        (cfg.max_cost is None or cfg.max_cost > 0, "max_cost", "must be positive"),
         (0.0 <= cfg.similarity <= 1.0, "similarity", "must be between 0 and 1"),
-        (cfg.timeout > 0, "timeout", "must be positive"),
-        (cfg.max_retries >= 0, "max_retries", "must be 0 or more"),
         (cfg.max_download_bytes >= 1, "max_download_bytes", "must be at least 1"),
     ])
     return cfg
