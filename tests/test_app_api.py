@@ -1,20 +1,13 @@
 """The app's programmatic API: ``gradio_client`` drives the generate endpoint (nothing in the page's
 state may be unpicklable), and the upload route of a page that takes no files is closed."""
 
-import socket
 
 import httpx
 import pytest
-from conftest import FACT
+from conftest import FACT, free_port
 
 from alpaca_lora.app import build_page, launch_kwargs
 from alpaca_lora.inference import inference_settings, load_for_inference
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,10 @@
 """The Gradio app in a real browser: headless Debian Chromium driven by Playwright, against the app
 serving tiny models on loopback."""
 
-import shutil
-import socket
-
-import pytest
-from conftest import FACT
+from conftest import FACT, free_port
 
 from alpaca_lora.app import build_page, launch_kwargs
 from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'; "
-                                                        "`make test` installs it where apt-get is allowed)")
 
 # Records every distinct value the response box shows, once per animation frame.
 WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
@@ -22,18 +13,6 @@ WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
     requestAnimationFrame(poll); }; poll(); }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 def open_app(browser, settings: InferenceModel):
@@ -84,7 +63,8 @@ def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
 
 
 def test_decoding_controls_follow_the_mode(browser, tiny_model_dir):
-    expect = playwright.expect
+    from playwright.sync_api import expect
+
     page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)))
     try:
         temperature = page.get_by_role("slider", name="range slider for Temperature (sample)")

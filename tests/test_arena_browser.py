@@ -3,36 +3,19 @@ on loopback: votes, a restart, more votes, two voters at once, and no generator 
 page or in Gradio's config before a vote."""
 
 import json
-import shutil
-import socket
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers
 from alpaca_lora.evaluate.arena import ArenaStore, build_arena_page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'; "
-                                                        "`make test` installs it where apt-get is allowed)")
 SECRETS = ("secret-gen-alpha", "secret-gen-beta", "alpha_answers_file", "beta_answers_file")
 ITEMS = 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+from conftest import free_port
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -43,11 +44,6 @@ def read_notebook() -> nbformat.NotebookNode:
 def cell(nb: nbformat.NotebookNode, ident: str) -> nbformat.NotebookNode:
     return next(c for c in nb.cells if c.get("id") == ident)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_parameters(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import free_port
 from serving import serving
 
 from alpaca_lora.inference import inference_settings
@@ -178,11 +179,6 @@ def test_a_loopback_server_answers_only_loopback_host_names(tiny):
     rebound = httpx.get(f"{tiny}/models", headers={"Host": f"attacker.example:{port}"}, timeout=HANG_GUARD)
     assert rebound.status_code == 403 and rebound.json()["error"]["type"] == "permission_error"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_stops_the_server_even_after_a_failed_request_and_mid_stream(tiny_model_dir, tmp_path):
