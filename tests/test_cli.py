@@ -147,7 +147,7 @@ def test_the_wheel_carries_the_recipes(tmp_path):
     """A non-editable install (Colab's pip install git+URL, a Docker image) finds every recipe."""
     pytest.importorskip("setuptools", minversion="77")
     source = tmp_path / "source"  # built from a copy: an in-tree build would leave build/ in the checkout
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "build", "__pycache__",
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv*", ".git", "outputs", "build", "__pycache__",
                                                                 "*.egg-info"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300,

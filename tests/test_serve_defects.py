@@ -23,7 +23,7 @@ from serving import serving
 from alpaca_lora.inference import inference_settings
 from alpaca_lora.serve import ServeConfig
 
-HANG_GUARD = httpx.Timeout(120.0)
+HANG_GUARD = 120.0  # seconds: a plain float, which every client (httpx, openai on httpx or httpx2) takes
 ASK = [{"role": "user", "content": "Tell me a long story."}]
 REPO = Path(__file__).resolve().parents[1]
 

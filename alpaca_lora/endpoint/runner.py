@@ -3,11 +3,12 @@ request and cost budget, journaling each finished request so that the same comma
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
@@ -57,6 +58,27 @@ class Totals:
         self.records += len(entry["records"])
 
 
+class Pacer:
+    """Spaces request starts at most ``per_minute`` a minute (None: no limit). The clock and the sleep are
+    injectable, so a test checks the schedule itself rather than how busy the machine was."""
+
+    def __init__(self, per_minute: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.clock, self.sleep = clock, sleep
+        self.next_start = -math.inf
+
+    def ready(self) -> bool:
+        return self.clock() >= self.next_start
+
+    def started(self) -> None:
+        self.next_start = self.clock() + self.interval
+
+    def delay(self) -> float:
+        """Seconds until the next request may start (0 if it may start now)."""
+        return max(0.0, self.next_start - self.clock())
+
+
 @dataclass
 class Budget:
     concurrency: int
@@ -66,11 +88,11 @@ class Budget:
 
 
 def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget, totals: Totals,
-                 mode: str, desc: str) -> str:
+                 mode: str, desc: str, pacer: Pacer | None = None) -> str:
     """Runs until the job is finished or a limit is reached; returns why it stopped."""
+    pacer = pacer or Pacer(budget.requests_per_minute)
     number = totals.requests
     in_flight: dict = {}
-    next_start = 0.0
     failures_in_a_row = 0
     stop = None
     bar = tqdm(total=job.total, initial=job.done(), desc=desc, unit="rec", dynamic_ncols=True)
@@ -81,7 +103,7 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
                 stop = "finished"
             if stop is None and failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 stop = "endpoint_failing"
-            while stop is None and len(in_flight) < budget.concurrency and time.monotonic() >= next_start:
+            while stop is None and len(in_flight) < budget.concurrency and pacer.ready():
                 limit = _budget_limit(budget, totals, endpoint, len(in_flight))
                 if limit and not in_flight:
                     stop = limit
@@ -93,19 +115,16 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
                 key, prompt = request
                 in_flight[pool.submit(endpoint.complete, prompt)] = (number, key)
                 number += 1
-                if budget.requests_per_minute:
-                    next_start = time.monotonic() + 60.0 / budget.requests_per_minute
+                pacer.started()
             if not in_flight:
                 if stop is not None:
                     break
-                if time.monotonic() < next_start:
-                    time.sleep(next_start - time.monotonic())
+                if not pacer.ready():
+                    pacer.sleep(pacer.delay())
                     continue
                 stop = "nothing_left"  # every remaining item was tried in this run
                 break
-            until_next_start = next_start - time.monotonic()
-            finished, _ = wait(in_flight, timeout=until_next_start if until_next_start > 0 else None,
-                               return_when=FIRST_COMPLETED)
+            finished, _ = wait(in_flight, timeout=pacer.delay() or None, return_when=FIRST_COMPLETED)
             for future in finished:
                 request_number, key = in_flight.pop(future)
                 reply = future.result()  # raises EndpointError: stop the run
