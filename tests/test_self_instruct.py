@@ -124,15 +124,15 @@ class Asking:
     """A job of ``total`` one-line requests that records the (fake) time at which each one starts."""
 
     def __init__(self, total: int, clock: FakeClock):
-        self.total, self.clock, self.starts, self.replies = total, clock, [], 0
+        self.total, self.clock, self.schedule, self.replies = total, clock, [], 0
 
     def restore(self, entries, journal):
         pass
 
     def next_prompt(self, number):
-        if len(self.starts) == self.total:
+        if len(self.schedule) == self.total:
             return None
-        self.starts.append(self.clock())
+        self.schedule.append(self.clock())
         return number, "Say ok."
 
     def accept(self, key, reply):
@@ -157,7 +157,7 @@ def test_requests_per_minute_spaces_request_starts(tmp_path, per_minute, gap):
         stop = run_requests(job, endpoint, Journal(tmp_path / "j.jsonl"), budget, Totals(), "t", "t", pacer=pacer)
     assert stop == "finished" and job.replies == 4
     # 60 s / 300 = 0.2 s between starts, by the pacer's own clock; without a rate, all four start at once
-    assert [round(b - a, 9) for a, b in zip(job.starts, job.starts[1:])] == [gap] * 3
+    assert [round(b - a, 9) for a, b in zip(job.schedule, job.schedule[1:])] == [gap] * 3
 
 
 def test_a_rejected_request_stops_the_run_in_one_line(seeds, tmp_path, capsys):
