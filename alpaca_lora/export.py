@@ -27,6 +27,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from alpaca_lora.common.errors import ConfigError, ExportError
+from alpaca_lora.common.paths import atomic_write_text, cache_dir
+from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
 from alpaca_lora.data.templates import (
     PromptTemplate,
     get_template,
@@ -34,10 +37,7 @@ from alpaca_lora.data.templates import (
     ollama_template,
     set_chat_template,
 )
-from alpaca_lora.errors import ConfigError, ExportError
 from alpaca_lora.model_args import ModelArguments, model_checks, saved_model_layer
-from alpaca_lora.paths import atomic_write_text, cache_dir
-from alpaca_lora.settings import build, check, command_line, entry_point, help_text, key, peek
 
 TOOL = "export"
 # llama.cpp's converter comes from this source distribution (vendor/llama.cpp); its CHANGELOG names the commit.

@@ -13,18 +13,12 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from alpaca_lora.common.journal import Journal
+from alpaca_lora.common.settings import check, entry_point, help_text, key
 from alpaca_lora.data.loading import load_records
-from alpaca_lora.engine import EngineSettings
-from alpaca_lora.inference import (
-    Decoding,
-    Generation,
-    InferenceModel,
-    LoadedModel,
-    load_for_inference,
-    load_inference_settings,
-)
-from alpaca_lora.journal import Journal
-from alpaca_lora.settings import check, entry_point, help_text, key
+from alpaca_lora.inference.engine import EngineSettings
+from alpaca_lora.inference.generation import Decoding, Generation
+from alpaca_lora.inference.loading import InferenceModel, LoadedModel, load_for_inference, load_inference_settings
 
 TOOL = "generate"
 MULTILINE = '"""'

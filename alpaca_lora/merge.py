@@ -20,9 +20,11 @@ import torch
 import yaml
 from omegaconf import MISSING
 
+from alpaca_lora.common.errors import ConfigError, MergeError
+from alpaca_lora.common.paths import atomic_directory
+from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
 from alpaca_lora.data.examples import left_padded_prompts
 from alpaca_lora.data.templates import get_template, set_chat_template
-from alpaca_lora.errors import ConfigError, MergeError
 from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import (
     SAVED_CONFIG,
@@ -33,8 +35,6 @@ from alpaca_lora.model_args import (
     saved_config_path,
     saved_model_layer,
 )
-from alpaca_lora.paths import atomic_directory
-from alpaca_lora.settings import build, check, command_line, entry_point, help_text, key, peek
 
 TOOL = "merge"
 PROBES = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!"),

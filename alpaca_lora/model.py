@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alpaca_lora.errors import ModelError
-from alpaca_lora.logs import get_logger
+from alpaca_lora.common.errors import ModelError
+from alpaca_lora.common.logs import get_logger
+from alpaca_lora.common.paths import atomic_directory, cache_dir
 from alpaca_lora.model_args import ModelArguments, compute_dtype, quantization_config
-from alpaca_lora.paths import atomic_directory, cache_dir
 
 logger = get_logger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

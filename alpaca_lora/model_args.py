@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
-from alpaca_lora.errors import ConfigError
-from alpaca_lora.settings import Layer, key
+from alpaca_lora.common.errors import ConfigError
+from alpaca_lora.common.settings import Layer, key
 
 SAVED_CONFIG = "training_config.yaml"
 LEGACY_SAVED_CONFIGS = ("config.yaml",)  # adapters written before the name was unified
@@ -43,7 +43,7 @@ class ModelArguments:
 
 
 def model_checks(args: ModelArguments) -> list[tuple[Any, str, str]]:
-    """The section's ``(ok, key, message)`` checks, for :func:`alpaca_lora.settings.check`."""
+    """The section's ``(ok, key, message)`` checks, for :func:`alpaca_lora.common.settings.check`."""
     quant = args.quant
     return [
         (quant.bits in (4, 8, 16), "quant.bits", "must be 4, 8 or 16"),

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.app import EXAMPLES
-from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
+from alpaca_lora.inference.loading import InferenceModel, inference_settings, load_for_inference
 from alpaca_lora.merge import PROBES
 from alpaca_lora.merge import main as merge
 from alpaca_lora.model import load_tokenizer, resolve_model

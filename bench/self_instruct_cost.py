@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from alpaca_lora.data.self_instruct.__main__ import main as build
 from alpaca_lora.endpoint.client import PRICES
-from alpaca_lora.endpoint.loopback import FakeOpenAI, Reply, numbered_reply
+from alpaca_lora.endpoint.scripted import Reply, ScriptedOpenAI, numbered_reply
 from alpaca_lora.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,8 @@ def replay(rows: list[dict]):
 
 
 def measure(prompt_file: str | None, rows: list[dict], count_tokens) -> dict:
-    with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(default=replay(rows), count_tokens=count_tokens) as server:
+    scripted = ScriptedOpenAI(default=replay(rows), count_tokens=count_tokens)
+    with tempfile.TemporaryDirectory() as tmp, scripted as server:
         args = [f"base_url={server.base_url}", "model=gpt-4o-mini", f"seed_tasks={SHARED / 'seed_tasks.jsonl'}",
                 f"output={tmp}/data.json", "concurrency=1", f"max_requests={-(-len(rows) // TASKS_PER_REPLY)}"]
         build(args + ([f"prompt_file={prompt_file}"] if prompt_file else []))

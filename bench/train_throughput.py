@@ -9,7 +9,7 @@ differs:
 * ``ours``: ``alpaca_lora.train.train`` with the ``qlora`` recipe as a user gets it: our tokenized
   examples (prompt masked, response truncated before EOS), TRL best-fit-decreasing packing (packed
   rows kept apart by position ids), the LM head and loss only at target positions
-  (``alpaca_lora.trainer``), and ``gradient_checkpointing=auto``: off when the memory plan without
+  (``alpaca_lora.train.trainer``), and ``gradient_checkpointing=auto``: off when the memory plan without
   it fits in 70% of the device's memory (here it does), on otherwise;
 * ``ours_checkpointed``: the same with gradient checkpointing on, as the two pipelines below have it:
   what packing and the LM head at targets give alone;
@@ -101,7 +101,7 @@ def meter():
 
 
 def base_config(subset: Path, out_dir: Path, max_length: int, extra: list[str]):
-    from alpaca_lora.config import load_config
+    from alpaca_lora.train.config import load_config
 
     return load_config(["recipe=qlora", f"model={MODEL}", f"data={subset}", f"output_dir={out_dir}",
                         "val_set_size=0", "num_epochs=1", "micro_batch_size=4", "batch_size=4",
@@ -131,8 +131,8 @@ def quantized_base(cfg):
     """The 4-bit base every pipeline but ours loads itself (ours loads it inside ``train``), as ours does."""
     from peft import prepare_model_for_kbit_training
 
-    from alpaca_lora.config import resolve_runtime
     from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+    from alpaca_lora.train.runtime import resolve_runtime
 
     runtime = resolve_runtime(cfg)
     path = resolve_model(cfg.model)
@@ -144,7 +144,7 @@ def quantized_base(cfg):
 
 def shared_arguments(cfg, runtime, out_dir: Path, fields: set[str]) -> dict:
     """Optimizer, schedule, clipping, batch, checkpointing and seed exactly as ours; nothing else of ours."""
-    from alpaca_lora.config import sft_kwargs
+    from alpaca_lora.train.runtime import sft_kwargs
 
     shared = {"output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
               "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
@@ -155,11 +155,11 @@ def shared_arguments(cfg, runtime, out_dir: Path, fields: set[str]) -> dict:
 
 
 def run_ours(cfg, records, out_dir, callback) -> int:
-    from alpaca_lora.config import resolve_runtime
     from alpaca_lora.data.examples import tokenize_records
     from alpaca_lora.data.templates import get_template
     from alpaca_lora.model import load_tokenizer, resolve_model
-    from alpaca_lora.train import train
+    from alpaca_lora.train.run import train
+    from alpaca_lora.train.runtime import resolve_runtime
 
     train(cfg, resolve_runtime(cfg), callbacks=[callback])
     examples, _ = tokenize_records(records, get_template(cfg.template), load_tokenizer(resolve_model(cfg.model)),
@@ -175,9 +175,9 @@ def run_trl_defaults(cfg, records, out_dir, callback) -> int:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from alpaca_lora.config import lora_kwargs
     from alpaca_lora.data.templates import get_template
     from alpaca_lora.model import train_adapters_in_float32
+    from alpaca_lora.train.runtime import lora_kwargs
 
     model, tokenizer, runtime = quantized_base(cfg)
     template = get_template(cfg.template)
@@ -202,9 +202,9 @@ def run_baseline(cfg, records, out_dir, callback) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from alpaca_lora.config import lora_kwargs
     from alpaca_lora.data.templates import get_template
     from alpaca_lora.model import train_adapters_in_float32
+    from alpaca_lora.train.runtime import lora_kwargs
 
     model, tokenizer, runtime = quantized_base(cfg)
     dataset = datasets.Dataset.from_list(tloen_examples(records, get_template(cfg.template), tokenizer, cfg.max_length))
@@ -319,7 +319,7 @@ def main() -> None:
           + f"; per CPU second vs the baseline: {result['ratio_cpu']:.2f}x\n(best of {opts.repeat} run"
           + ("s" if opts.repeat > 1 else "") + " each; peak MiB: resident memory of the pipeline's own process, "
           "model load included)\n")
-    from alpaca_lora.config import resolve_runtime
+    from alpaca_lora.train.runtime import resolve_runtime
 
     cfg = base_config(Path(DATA), Path("unused"), opts.max_length, [])
     result.update(device=resolve_runtime(cfg).device, model=MODEL_NAME, skipped=False)

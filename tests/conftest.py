@@ -48,7 +48,7 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_model(directory: Path, vocab_size: int, seed: int = 0):
+def _build_model(directory: Path, vocab_size: int, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,8 +69,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A directory holding a random 2-layer Llama and a BPE tokenizer trained on Alpaca-like text."""
     directory = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer(directory)
-    build_model(directory, len(tokenizer))
+    _build_model(directory, len(tokenizer))
     return directory
+
+
+@pytest.fixture(scope="session")
+def build_tiny_model():
+    """``build_tiny_model(directory, vocab_size, seed=0)``: a random 2-layer Llama saved in ``directory``, for a
+    test that needs its own tokenizer."""
+    return _build_model
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +94,19 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def seed_download():
+    """``seed_download(url, source)``: puts a file where the download cache keeps ``url``, as a first download
+    would (tests are offline), and checks that a download of ``url`` now fetches nothing."""
+    from alpaca_lora.data.loading import download, download_path
+
+    def seed(url: str, source: Path) -> None:
+        shutil.copy(source, download_path(url))
+        assert download(url, lambda path, label: path.read_bytes()) == source.read_bytes()
+
+    return seed
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not present (reference data for developers and CI only)")
@@ -97,11 +117,17 @@ FACT = {"instruction": "What is the capital of Zorblax?", "input": "", "output":
 
 
 @pytest.fixture(scope="session")
+def fact() -> dict:
+    """The record the ``fact_adapters`` learned (a copy: a test may change it)."""
+    return dict(FACT)
+
+
+@pytest.fixture(scope="session")
 def fact_adapters(tiny_model_dir, tmp_path_factory) -> dict:
     """Adapters that learned FACT on the tiny model, on a 4-bit (QLoRA) and a 16-bit base; trained once."""
     import json
 
-    from alpaca_lora.train import main
+    from alpaca_lora.train.run import main
 
     adapters = {}
     for bits in (4, 16):
@@ -132,11 +158,46 @@ def demo_model_dir() -> Path:
     return Path(resolve_model(DEMO_MODEL))
 
 
-def free_port() -> int:
-    """A loopback port free right now, for a server a test starts."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()``: a loopback port free right now, for a server a test starts."""
+    return _free_port
+
+
+def _serving(cfg):
+    """Runs the OpenAI-compatible server for ``cfg`` in a thread on a free loopback port; yields its base URL
+    (``.../v1``), then shuts it down."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from alpaca_lora.inference.loading import load_for_inference
+    from alpaca_lora.serve.server import create_app
+
+    app = create_app(load_for_inference(cfg), cfg)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``serving(cfg)``: a generator that runs the server for ``cfg`` and yields its base URL (``yield from`` it in a
+    fixture, or ``for url in serving(cfg):`` in a test)."""
+    return _serving
 
 
 @pytest.fixture(scope="module")

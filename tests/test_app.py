@@ -3,7 +3,7 @@
 import asyncio
 
 from alpaca_lora.app import respond
-from alpaca_lora.inference import inference_settings, load_for_inference
+from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 
 def run(loaded, mode, temperature, seed=0):

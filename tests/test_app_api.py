@@ -4,14 +4,13 @@ state may be unpicklable), and the upload route of a page that takes no files is
 
 import httpx
 import pytest
-from conftest import FACT, free_port
 
 from alpaca_lora.app import build_page, launch_kwargs
-from alpaca_lora.inference import inference_settings, load_for_inference
+from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 
 @pytest.fixture(scope="module")
-def app_url(fact_adapters):
+def app_url(fact_adapters, free_port):
     page = build_page(load_for_inference(inference_settings(adapter=str(fact_adapters[16]))))
     port = free_port()
     page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -20,12 +19,12 @@ def app_url(fact_adapters):
     page.close()
 
 
-def test_gradio_client_drives_the_generate_endpoint(app_url):
+def test_gradio_client_drives_the_generate_endpoint(app_url, fact):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    response, prompt = client.predict(FACT["instruction"], "", "greedy", 0.7, 0.9, 40, 4, 20, api_name="/generate")
-    assert response == FACT["output"] and FACT["instruction"] in prompt
+    response, prompt = client.predict(fact["instruction"], "", "greedy", 0.7, 0.9, 40, 4, 20, api_name="/generate")
+    assert response == fact["output"] and fact["instruction"] in prompt
     job = client.submit("Tell me a story.", "", "sample", 1.5, 0.9, 40, 4, 8, api_name="/generate")
     assert isinstance(job.result()[0], str)
 

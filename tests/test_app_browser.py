@@ -1,10 +1,13 @@
 """The Gradio app in a real browser: headless Debian Chromium driven by Playwright, against the app
 serving tiny models on loopback."""
 
-from conftest import FACT, free_port
+
+import pytest
 
 from alpaca_lora.app import build_page, launch_kwargs
-from alpaca_lora.inference import InferenceModel, inference_settings, load_for_inference
+from alpaca_lora.inference.loading import InferenceModel, inference_settings, load_for_inference
+
+pytestmark = pytest.mark.browser
 
 # Records every distinct value the response box shows, once per animation frame.
 WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
@@ -15,7 +18,7 @@ WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
 
 
 
-def open_app(browser, settings: InferenceModel):
+def open_app(browser, settings: InferenceModel, free_port):
     page_app = build_page(load_for_inference(settings))
     port = free_port()
     page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -25,17 +28,17 @@ def open_app(browser, settings: InferenceModel):
     return page_app, page
 
 
-def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path):
+def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path, fact):
     page_app, page = open_app(browser, inference_settings(adapter=str(fact_adapters[16])))
     try:
-        page.locator("#instruction textarea").fill(FACT["instruction"])
+        page.locator("#instruction textarea").fill(fact["instruction"])
         page.locator("#generate").click()
         page.wait_for_function("() => document.querySelector('#response textarea').value === 'Quibbletown.'",
                                timeout=60_000)
         page.get_by_text("Prompt sent to the model").click()
         prompt = page.locator("#prompt textarea").input_value()
         loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[16])))
-        assert prompt == loaded.prompt(FACT["instruction"])
+        assert prompt == loaded.prompt(fact["instruction"])
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         assert (tmp_path / "app.png").stat().st_size > 10_000
     finally:

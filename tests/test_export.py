@@ -14,14 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_model
 from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from alpaca_lora.common.errors import ExportError
 from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import chat_template, get_template, ollama_template
-from alpaca_lora.errors import ExportError
 from alpaca_lora.export import converter_dir, fetch_sdist, main
 from alpaca_lora.model import load_tokenizer
 
@@ -42,12 +41,12 @@ def llama_cpp() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_llama_dir(demo_model_dir, tmp_path_factory) -> Path:
+def smol_llama_dir(demo_model_dir, tmp_path_factory, build_tiny_model) -> Path:
     """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
     it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
     directory = tmp_path_factory.mktemp("smol-llama")
     tokenizer = load_tokenizer(str(demo_model_dir))
-    build_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
+    build_tiny_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -234,29 +233,20 @@ CHATS = [
 ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_transformers_serve_answers_like_this_projects_server(merged_demo, tmp_path):
+def test_transformers_serve_answers_like_this_projects_server(merged_demo, tmp_path, serving, free_port):
     """`transformers serve` applies the merged model's chat template: the training template travelled."""
     import httpx
     import openai
-    from test_serve import serving
 
-    from alpaca_lora.inference import inference_settings
-    from alpaca_lora.serve import ServeConfig
+    from alpaca_lora.inference.loading import inference_settings
+    from alpaca_lora.serve.server import ServeConfig
 
     command = Path(sys.executable).with_name("transformers")
     if not command.is_file():
         pytest.skip(f"{command} (transformers' command line) is not installed")
     ours = serving(inference_settings(ServeConfig, model=str(merged_demo), device="cpu", served_model_name="merged"))
     client = openai.OpenAI(api_key="none", base_url=next(ours), max_retries=0)
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "transformers-serve.log").open("w")
     process = subprocess.Popen([str(command), "serve", str(merged_demo), "--host", "127.0.0.1", "--port", str(port),
                                 "--device", "cpu", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT)

@@ -10,19 +10,18 @@ import time
 
 import pytest
 import torch
-from conftest import FACT
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.inference import generate_batch
+from alpaca_lora.inference.generation import generate_batch
 from alpaca_lora.merge import main
 from alpaca_lora.model import load_tokenizer
 
 
-def answer(model_dir):
+def answer(model_dir, fact):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    prompt = get_template("alpaca").format(FACT["instruction"])
+    prompt = get_template("alpaca").format(fact["instruction"])
     return generate_batch(model, load_tokenizer(str(model_dir)), [prompt], max_new_tokens=20)[0]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alpaca_lora.errors import ModelError
+from alpaca_lora.common.errors import ModelError
 from alpaca_lora.merge import main
 
 UNCACHED = "alpaca-lora-tests/no-such-model-anywhere"
@@ -84,7 +84,7 @@ def test_an_uncached_hub_model_offline_is_one_line_wherever_it_is_loaded(loader,
     from alpaca_lora import model
 
     if loader == "train":
-        from alpaca_lora.train import main as train
+        from alpaca_lora.train.run import main as train
 
         data = tmp_path / "data.json"
         data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}]))

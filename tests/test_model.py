@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from alpaca_lora.errors import ModelError
+from alpaca_lora.common.errors import ModelError
 from alpaca_lora.model import load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import ModelArguments, QuantArguments, describe_quantization, quantization_config
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from conftest import free_port
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+pytestmark = pytest.mark.notebook
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "alpaca_lora_colab.ipynb"
@@ -103,7 +104,7 @@ class SmokeRun:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> SmokeRun:
+def smoke_run(tmp_path_factory, free_port) -> SmokeRun:
     work = tmp_path_factory.mktemp("notebook")
     ports = [free_port(), free_port()]
     output_dir = work / "outputs"
@@ -136,7 +137,7 @@ def test_nothing_the_notebook_started_outlives_it(smoke_run):
     assert still_running(smoke_run.work, smoke_run.ports) == []
 
 
-def test_a_failing_step_fails_the_run(tmp_path):
+def test_a_failing_step_fails_the_run(tmp_path, free_port):
     """The training command broken (a key that does not exist): its cell fails, and the run stops there."""
     nb = with_parameters(read_notebook(), OUTPUT_DIR=str(tmp_path / "outputs"), SERVE_PORT=free_port(),
                          APP_PORT=free_port())
@@ -152,7 +153,7 @@ def test_a_failing_step_fails_the_run(tmp_path):
     assert still_running(tmp_path, []) == []
 
 
-def test_a_failure_while_serving_stops_the_server(smoke_run, tmp_path):
+def test_a_failure_while_serving_stops_the_server(smoke_run, tmp_path, free_port):
     """The server is up and the request is broken (max_tokens=-1: a 400): the cell fails, and the server is
     already stopped when the next cell runs, not only when the kernel exits."""
     original = read_notebook()

@@ -142,13 +142,13 @@ def alpaca_lora(argv: list[str]) -> int:
 def validators() -> dict:
     """Each stage's own settings loader: what its command runs before any work."""
     from alpaca_lora.app import load_app_config
-    from alpaca_lora.config import load_config
     from alpaca_lora.data.self_instruct.settings import load_builder_config
     from alpaca_lora.export import load_export_config
     from alpaca_lora.generate import load_generate_config
     from alpaca_lora.merge import load_merge_config
-    from alpaca_lora.plan import load_plan_config
-    from alpaca_lora.serve import load_serve_config
+    from alpaca_lora.serve.server import load_serve_config
+    from alpaca_lora.train.config import load_config
+    from alpaca_lora.train.plan import load_plan_config
 
     def data(args: list[str]):
         return load_builder_config([f"mode={args[0]}", *args[1:]] if args and args[0] in cli.DATA_MODES else args)
@@ -158,18 +158,16 @@ def validators() -> dict:
     if "evaluate" in cli.COMMANDS:
         from alpaca_lora.evaluate.__main__ import COMMANDS as EVALUATE
 
-        def evaluate(args: list[str]):
-            command = "arena report" if args[:2] == ["arena", "report"] else args[0]
-            return EVALUATE[command][1](args[len(command.split()):])
-
-        found["evaluate"] = evaluate
+        found["evaluate"] = lambda args: EVALUATE[args[0]].load(args[1:])
     if "arena" in cli.COMMANDS:
-        def arena(args: list[str]):
-            cfg = found["evaluate"](["arena", *args])
-            if args[:1] != ["report"]:  # the arena opens its votes database when it starts; the README's
-                from alpaca_lora.evaluate.arena import ArenaStore  # `arena report` after it reads that database
+        from alpaca_lora.arena.__main__ import COMMANDS as ARENA
+        from alpaca_lora.arena.page import ArenaStore
 
-                ArenaStore(cfg.db)
+        def arena(args: list[str]):
+            if args[:1] == ["report"]:
+                return ARENA["report"].load(args[1:])
+            cfg = ARENA[""].load(args)
+            ArenaStore(cfg.db)  # the arena opens its votes database when it starts; `arena report` after it reads it
             return cfg
 
         found["arena"] = arena
@@ -264,11 +262,9 @@ def test_every_python_snippet_is_checked():
     assert unchecked == [], "a README Python snippet no test runs"
 
 
-def test_the_openai_snippet_against_the_readme_server(in_workspace):
+def test_the_openai_snippet_against_the_readme_server(in_workspace, serving):
     """The README's ``alpaca-lora serve model=outputs/demo-merged`` started, its openai snippet run against it."""
-    from serving import serving
-
-    from alpaca_lora.serve import ServeConfig, load_serve_config
+    from alpaca_lora.serve.server import ServeConfig, load_serve_config
 
     code = snippet("from openai import OpenAI")
     default = f"http://127.0.0.1:{ServeConfig.port}/v1"
@@ -285,7 +281,7 @@ def test_the_gradio_client_snippet_against_the_readme_app(in_workspace):
     import socket
 
     from alpaca_lora.app import AppConfig, build_page, launch_kwargs, load_app_config
-    from alpaca_lora.inference import load_for_inference
+    from alpaca_lora.inference.loading import load_for_inference
 
     code = snippet("from gradio_client import Client")
     default = f"http://127.0.0.1:{AppConfig.port}/"

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import datasets
 import numpy as np
 
+from alpaca_lora.common.errors import DataError
 from alpaca_lora.data.templates import PromptTemplate
-from alpaca_lora.errors import DataError
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
-from alpaca_lora.errors import DataError
-from alpaca_lora.jsonfiles import parse_json, parse_json_lines, read_text
-from alpaca_lora.paths import cache_dir
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.jsonfiles import parse_json, parse_json_lines, read_text
+from alpaca_lora.common.paths import cache_dir
 
 FIELDS = ("instruction", "input", "output")
 # Far above any instruction data set served as one file (Stanford's alpaca_data.json is 22 MB), far

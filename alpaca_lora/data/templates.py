@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from alpaca_lora.errors import UserError
+from alpaca_lora.common.errors import UserError
 
 _STANFORD_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import yaml
 
-from alpaca_lora.errors import UserError
+from alpaca_lora.common.errors import UserError
 
 # USD per million tokens (input, output), from the providers' published price lists (2025);
 # prices change: override them with prices=FILE or price_input= / price_output=.

@@ -12,8 +12,8 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from alpaca_lora.common.journal import Journal
 from alpaca_lora.endpoint.client import Endpoint, Reply
-from alpaca_lora.journal import Journal
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
 # down or refuses our requests (a parameter it does not take): stop and show the last error.

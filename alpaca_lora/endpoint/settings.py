@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from alpaca_lora.common.errors import UserError
+from alpaca_lora.common.settings import key
 from alpaca_lora.endpoint.client import Endpoint, price_per_million
 from alpaca_lora.endpoint.runner import Budget
-from alpaca_lora.errors import UserError
-from alpaca_lora.settings import key
 
 
 @dataclass
@@ -29,7 +29,7 @@ class EndpointSettings:
                                   "jitter)")
 
     def endpoint_checks(self) -> list[tuple]:
-        """The ``(ok, key, message)`` checks of these keys, for :func:`alpaca_lora.settings.check`."""
+        """The ``(ok, key, message)`` checks of these keys, for :func:`alpaca_lora.common.settings.check`."""
         return [
             (self.concurrency >= 1, "concurrency", "must be at least 1"),
             (self.requests_per_minute is None or self.requests_per_minute > 0, "requests_per_minute",

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.journal import Journal
+from alpaca_lora.common.logs import get_logger
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
-from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.answers import file_name, write_answers
 from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
 from alpaca_lora.evaluate.settings import AnswerConfig
-from alpaca_lora.journal import Journal
-from alpaca_lora.logs import get_logger
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 log = get_logger(__name__).info

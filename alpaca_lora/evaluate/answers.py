@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.data.loading import download
-from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.sets import SELF_INSTRUCT_HOME, fold, make_item, read_json_records, text_field
-from alpaca_lora.paths import atomic_write_text
 
 # The answers Self-Instruct published for its 252 user-oriented instructions (human_eval/predictions/).
 PUBLISHED = ("text-davinci-003", "text-davinci-002", "text-davinci-001", "davinci", "davinci-self-instruct",

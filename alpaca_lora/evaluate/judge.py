@@ -24,16 +24,16 @@ import signal
 import time
 from pathlib import Path
 
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.journal import Journal
+from alpaca_lora.common.logs import get_logger
+from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
-from alpaca_lora.errors import DataError
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
 from alpaca_lora.evaluate.settings import JudgeConfig
-from alpaca_lora.journal import Journal
-from alpaca_lora.logs import get_logger
-from alpaca_lora.paths import atomic_write_text
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 ATTEMPTS = 2  # a reply without a verdict is asked again once, then scored as a tie

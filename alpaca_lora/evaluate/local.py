@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from alpaca_lora.engine import EngineSettings
-from alpaca_lora.inference import Decoding, InferenceModel, load_for_inference
+from alpaca_lora.inference.engine import EngineSettings
+from alpaca_lora.inference.generation import Decoding
+from alpaca_lora.inference.loading import InferenceModel, load_for_inference
 
 
 class LocalModel:

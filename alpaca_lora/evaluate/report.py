@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alpaca_lora.paths import atomic_write_text
+from alpaca_lora.common.paths import atomic_write_text
 
 BOOTSTRAP_SAMPLES = 10_000
 SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}

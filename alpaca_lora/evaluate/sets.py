@@ -18,9 +18,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca_lora.common.errors import DataError, UserError
+from alpaca_lora.common.jsonfiles import parse_json, parse_json_lines, read_text
 from alpaca_lora.data.loading import download, load_records
-from alpaca_lora.errors import DataError, UserError
-from alpaca_lora.jsonfiles import parse_json, parse_json_lines, read_text
 
 SELF_INSTRUCT_HOME = "https://raw.githubusercontent.com/yizhongw/self-instruct/main/human_eval"
 NAMED_SETS = {"self-instruct-252": f"{SELF_INSTRUCT_HOME}/user_oriented_instructions.jsonl"}

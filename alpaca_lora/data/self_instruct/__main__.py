@@ -12,6 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from alpaca_lora.common.errors import UserError
+from alpaca_lora.common.journal import Journal
+from alpaca_lora.common.logs import get_logger
+from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.settings import entry_point, help_text
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.clean import clean_records
 from alpaca_lora.data.self_instruct.jobs import GenerateJob, RegenerateJob
@@ -19,11 +24,6 @@ from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_bu
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
-from alpaca_lora.errors import UserError
-from alpaca_lora.journal import Journal
-from alpaca_lora.logs import get_logger
-from alpaca_lora.paths import atomic_write_text
-from alpaca_lora.settings import entry_point, help_text
 
 EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 log = get_logger(__name__).info

@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.journal import Journal
 from alpaca_lora.data.near_duplicates import NearDuplicateIndex
 from alpaca_lora.data.self_instruct.tasks import encode_prompt, parse_reply
 from alpaca_lora.data.templates import PromptTemplate
 from alpaca_lora.endpoint.client import Reply
-from alpaca_lora.errors import DataError
-from alpaca_lora.journal import Journal
 
 
 class GenerateJob:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alpaca_lora.common.settings import build, check, command_line, key
 from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP
 from alpaca_lora.data.self_instruct.tasks import STANFORD_SEED_TASKS
 from alpaca_lora.endpoint.settings import EndpointSettings
-from alpaca_lora.settings import build, check, command_line, key
 
 TOOL = "data"
 MODES = ("generate", "regenerate", "clean")

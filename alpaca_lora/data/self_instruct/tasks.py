@@ -9,9 +9,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca_lora.common.errors import DataError
+from alpaca_lora.common.jsonfiles import parse_json_lines, read_text
 from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, download
-from alpaca_lora.errors import DataError
-from alpaca_lora.jsonfiles import parse_json_lines, read_text
 
 STANFORD_SEED_TASKS = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/seed_tasks.jsonl"
 

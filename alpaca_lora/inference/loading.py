@@ -1,0 +1,102 @@
+"""A model as it was trained, for inference: a base model (+ adapter) or a merged model, in the bits and with the
+template its training run saved (``load_inference_settings``), loaded once (``load_for_inference``) with its
+generation engine (``LoadedModel.engine``)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from alpaca_lora.common.errors import ConfigError, UserError
+from alpaca_lora.common.settings import Layer, build, check, command_line, key, peek
+from alpaca_lora.data.examples import encode_prompt
+from alpaca_lora.data.templates import PromptTemplate, get_template
+from alpaca_lora.inference.engine import Engine, EngineSettings
+from alpaca_lora.model import load_model, load_tokenizer, resolve_model
+from alpaca_lora.model_args import ModelArguments, compute_dtype, model_checks, resolve_device, saved_model_layer
+
+
+@dataclass
+class InferenceModel(ModelArguments):
+    """The model section for inference: a model, or an adapter on the base it names."""
+
+    model: Optional[str] = key(None, "base or merged model: hub id, directory, .gguf (default: the adapter's base)")
+    adapter: Optional[str] = key(None, "LoRA adapter directory written by training")
+    seed: int = key(0, "random seed for sampling")
+
+
+# Without a saved configuration saying otherwise, a model is loaded as it is stored: in 16 bits.
+_UNQUANTIZED = Layer("inference default", {"quant": {"bits": 16}})
+
+
+def load_inference_settings(schema: type, argv: list[str], tool: str):
+    """Settings whose model section starts from what the adapter (or merged model) was trained with:
+    built-in defaults <- 16 bits <- the saved model section <- the command line."""
+    adapter, model = peek(argv, "adapter"), peek(argv, "model")
+    directory = adapter or model
+    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
+    settings = build(schema, [_UNQUANTIZED, *([saved] if saved else []), command_line(argv, schema)], tool)
+    check(model_checks(settings))
+    return settings
+
+
+def inference_settings(schema: type = InferenceModel, **values):
+    """Settings built exactly as the command line builds them, from Python (``adapter=DIR``, ...)."""
+    return load_inference_settings(schema, [f"{name}={value}" for name, value in values.items()], "generate")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    template: PromptTemplate
+    name: str
+    description: str
+    _engine: Optional[Engine] = field(default=None, repr=False)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        return self.template.format(instruction, input)
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def engine(self, settings: EngineSettings | None = None) -> Engine:
+        """The model's one generation engine, started on first use (with ``settings``; later calls share it)."""
+        with self._engine_lock:
+            if self._engine is None or self._engine.closed:
+                self._engine = Engine(self.model, self.tokenizer, settings)
+            return self._engine
+
+
+def load_for_inference(settings: InferenceModel) -> LoadedModel:
+    """Base (+ adapter) or merged model, on the chosen device, in eval mode, with its template."""
+    if settings.adapter and not (Path(settings.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"adapter '{settings.adapter}': no adapter_config.json there (a directory written by training)")
+    if not settings.model:
+        raise ConfigError("key 'model' must be set (or adapter= a directory whose training_config.yaml names its base)")
+    template = get_template(settings.template)
+    device = resolve_device(settings.device)
+    path = resolve_model(settings.model)
+    tokenizer = load_tokenizer(settings.adapter or path, settings.trust_remote_code)
+    model = load_model(path, settings, device)
+    if device == "cuda" and settings.quant.bits == 16:
+        model.to("cuda")
+    if settings.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, settings.adapter)
+    model.eval()
+    torch.manual_seed(settings.seed)
+    bits = settings.quant.bits
+    parts = [f"{settings.model} ({f'{bits}-bit' if bits != 16 else compute_dtype(settings, device)})"]
+    parts += [f"adapter {settings.adapter}"] if settings.adapter else []
+    description = " + ".join(parts) + f", template {template.name}, {device}"
+    name = Path(settings.adapter or settings.model).name
+    return LoadedModel(model, tokenizer, template, name, description)
+
+

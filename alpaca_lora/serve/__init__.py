@@ -1,0 +1,1 @@
+"""``alpaca-lora serve`` (``python -m alpaca_lora.serve``): an OpenAI-compatible API over the generation engine."""

@@ -1,0 +1,288 @@
+"""Fine-tune a base model on Alpaca-format data: ``alpaca-lora train recipe=NAME key=value ...``
+(also ``python -m alpaca_lora.train``, the form cluster scripts use).
+
+A run reads top to bottom: the data (every record validated and tokenized before any model loads),
+the run's plan (saved beside the outputs, checked against the GPU's memory), the model, the trainer,
+training, and the outputs (checked, measured, plotted). TRL's SFTTrainer, peft and bitsandbytes do
+the work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca_lora.common.errors import ConfigError, DataError
+from alpaca_lora.common.logs import EVERY_RANK, get_logger
+from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.settings import entry_point
+from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
+from alpaca_lora.data.loading import load_records
+from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
+from alpaca_lora.train import launcher
+from alpaca_lora.train.adapter import check_adapter
+from alpaca_lora.train.config import TrainConfig, help_text, load_config
+from alpaca_lora.train.packing import BatchPlan, batch_plan
+from alpaca_lora.train.runtime import (
+    Runtime,
+    base_quantization,
+    lora_kwargs,
+    resolve_runtime,
+    resolved_yaml,
+    sft_kwargs,
+)
+
+logger = get_logger(__name__)
+every_rank = get_logger(EVERY_RANK)
+
+
+@dataclass
+class PreparedData:
+    template: PromptTemplate
+    tokenizer: object
+    model_path: str
+    train_set: object
+    val_set: object
+    val_records: list[dict]
+    summary: DataSummary
+    checkpoint: str | None
+    batches: BatchPlan | None = None  # set once the run's accumulation and world size are known
+
+    @property
+    def has_eval(self) -> bool:
+        return len(self.val_set) > 0
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    trainer: object
+
+
+def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> TrainResult:
+    """The whole run; ``callbacks`` are transformers ``TrainerCallback``s (progress hooks, tests)."""
+    from alpaca_lora.train.checkpoints import SealCheckpoints
+
+    data = setup_data(cfg)
+    cfg = settle_checkpointing(cfg, runtime, data.model_path)
+    args = setup_run(cfg, runtime, data)
+    model = setup_model(cfg, runtime, data.model_path)
+    trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
+    scored = data.val_records[: cfg.exact_match_eval]
+    before = _exact_match(trainer.model, data, scored, "before training")
+    result = trainer.train(resume_from_checkpoint=data.checkpoint)
+    after = _exact_match(trainer.model, data, scored, "after training")
+    return finish(cfg, data, trainer, result, before, after)
+
+
+def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str) -> TrainConfig:
+    """``gradient_checkpointing=auto`` decided by the memory plan for this device, and said in the log."""
+    from alpaca_lora.train.plan import decide_checkpointing, device_memory
+
+    cfg, why = decide_checkpointing(cfg, model, runtime.world_size, device_memory(runtime.device))
+    logger.info(why)
+    return cfg
+
+
+def setup_data(cfg: TrainConfig) -> PreparedData:
+    """Records loaded, validated, split and tokenized exactly as generation will prompt them (and the
+    output directory and the checkpoint to resume from checked)."""
+    from alpaca_lora.model import load_tokenizer, resolve_model
+    from alpaca_lora.train.checkpoints import check_output_dir, find_checkpoint
+
+    template = get_template(cfg.template)
+    data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes)
+    if not data.records:
+        raise DataError(f"{data.source}: no records to train on")
+    train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
+    check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg)
+    model_path = resolve_model(cfg.model)
+    tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template)  # saved with the weights
+    train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation)
+    val_set, val_stats = tokenize_records(val_records, template, tokenizer, cfg.max_length, cfg.truncation)
+    summary = summarize(data.records, {k: stats[k] + val_stats[k] for k in stats}, data.duplicates_dropped,
+                        cfg.max_length, cfg.truncation)
+    logger.info(f"data: {data.source}: " + "; ".join(summary.lines()))
+    if len(train_set) == 0:
+        raise DataError(f"{data.source}: no usable example: all {len(train_records)} training records are over "
+                        f"max_length={cfg.max_length} tokens ({stats['dropped']} prompts alone too long, "
+                        f"{stats['dropped_too_long']} dropped with truncation={cfg.truncation}); raise max_length "
+                        "or shorten the records")
+    logger.info(f"split: {len(train_set)} train, {len(val_set)} validation examples")
+    return PreparedData(template, tokenizer, model_path, train_set, val_set, val_records, summary, checkpoint)
+
+
+def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
+    """The run's plan saved beside its outputs, the SFTConfig built, and the GPU's memory checked,
+    all before the weights load."""
+    import torch
+    from trl import SFTConfig
+
+    from alpaca_lora.train.checkpoints import claim_output_dir
+
+    if runtime.notes:
+        logger.info(f"no GPU: training on CPU with {', '.join(runtime.notes)}")
+    if runtime.world_size > 1:
+        every_rank.info(f"rank {launcher.rank()} of {runtime.world_size}: global batch {cfg.batch_size} = micro "
+                        f"batch {cfg.micro_batch_size} x accumulation {runtime.gradient_accumulation_steps(cfg)} x "
+                        f"{runtime.world_size} ranks")
+    data.batches = batch_plan([len(ids) for ids in data.train_set["input_ids"]], cfg.max_length,
+                              cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg), runtime.world_size,
+                              cfg.packing)
+    logger.info("; ".join(data.batches.lines()))
+    try:  # SFTConfig checks its own fields
+        args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
+    except ValueError as exc:
+        raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
+    claim_output_dir(cfg, resolved_yaml(cfg, runtime, data.has_eval))  # after SFTConfig: the ranks can meet
+    if runtime.device == "cuda":
+        from alpaca_lora.train.plan import check_memory
+
+        gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        check_memory(cfg, runtime.world_size, gpu_bytes)
+    return args
+
+
+def setup_model(cfg: TrainConfig, runtime: Runtime, model_path: str):
+    """The base, quantized as the model section says, ready for k-bit training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from alpaca_lora.model import load_model
+    from alpaca_lora.train.trainer import select_attention
+
+    if runtime.device == "cuda" and runtime.world_size > 1:
+        torch.cuda.set_device(launcher.local_rank())  # each rank its own GPU (and its own quantized copy)
+    quantized = base_quantization(cfg, runtime) is not None
+    dtype = "float32" if cfg.finetune == "full" else runtime.compute_dtype  # full fine-tuning: fp32 master weights
+    if quantized and cfg.quant.quant_storage and runtime.fsdp:
+        dtype = cfg.quant.quant_storage  # the non-quantized weights match the packed ones, so FSDP shards all
+    model = load_model(model_path, cfg, runtime.device, dtype=dtype, sharded=bool(runtime.fsdp))
+    if quantized and not runtime.fsdp:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    logger.info(f"attention: {select_attention(model, runtime.device, cfg.packing)}")
+    return model
+
+
+def setup_trainer(cfg: TrainConfig, runtime: Runtime, data: PreparedData, model, args, callbacks: list | None):
+    import torch
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    from alpaca_lora.model import train_adapters_in_float32
+    from alpaca_lora.train.trainer import TargetLossSFTTrainer
+
+    full = cfg.finetune == "full"
+    torch.manual_seed(cfg.seed)
+    own_loss = {"token_metrics": cfg.token_metrics} if cfg.loss_at_targets else {}
+    trainer = (TargetLossSFTTrainer if cfg.loss_at_targets else SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=data.train_set,
+        eval_dataset=data.val_set if data.has_eval else None,
+        processing_class=data.tokenizer,
+        peft_config=None if full else LoraConfig(**lora_kwargs(cfg)),
+        callbacks=list(callbacks or []) + load_callbacks(cfg.callbacks),
+        **own_loss,
+    )
+    if runtime.compute_dtype == "float32" and not full:
+        train_adapters_in_float32(trainer.model)
+    return trainer
+
+
+def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after) -> TrainResult:
+    """The model saved (consolidated under FSDP) and checked; metrics, the loss curve and the report."""
+    from alpaca_lora.evaluate.exact_match import print_before_after
+    from alpaca_lora.train.plots import plot_loss
+
+    output_dir = Path(cfg.output_dir)
+    full = cfg.finetune == "full"
+    metrics = {"train": result.metrics, "data": data.summary.to_dict(), "batches": data.batches.to_dict(),
+               "log_history": trainer.state.log_history}
+    if data.has_eval:
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        final_is_logged = evals and evals[-1]["step"] == trainer.state.global_step
+        metrics["eval"] = evals[-1] if final_is_logged else trainer.evaluate()
+    if before is not None:
+        metrics["exact_match"] = {"examples": before.total, "before": before.accuracy, "after": after.accuracy}
+    if trainer.is_fsdp_enabled:  # sharded checkpoints while training; one consolidated model at the end
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(output_dir))  # every rank takes part in gathering; only rank 0 writes
+    if trainer.is_world_process_zero():
+        if full:
+            metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+        else:
+            metrics["adapter_parameters"] = check_adapter(output_dir)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
+        if before is not None:
+            print_before_after(data.val_records[: cfg.exact_match_eval], before, after)
+        weights = f"model: {output_dir} (safetensors + tokenizer)" if full else \
+            f"adapter: {output_dir / 'adapter_model.safetensors'}"
+        logger.info(f"{weights}; loss curve: {output_dir / 'loss.png'}; metrics: {output_dir / 'metrics.json'}")
+    return TrainResult(output_dir, metrics, trainer)
+
+
+def _exact_match(model, data: PreparedData, records: list[dict], label: str):
+    from alpaca_lora.evaluate.exact_match import exact_match
+
+    return exact_match(model, data.tokenizer, data.template, records, label) if records else None
+
+
+def dry_run_batches(cfg: TrainConfig, runtime: Runtime) -> list[str]:
+    """What packing does to the batches (rows, tokens per micro batch, steps per epoch), when the data and
+    the tokenizer are at hand; a dry run downloads nothing and loads no weights."""
+    from alpaca_lora.common.errors import UserError
+    from alpaca_lora.model import load_tokenizer, resolve_model
+
+    if not (cfg.data.startswith("builtin:") or Path(cfg.data).expanduser().is_file()):
+        return [f"batches: computed when training starts ({cfg.data} is not a local file)"]
+    try:
+        records = load_records(cfg.data, cfg.columns).records
+        train_records, _ = split_records(records, cfg.val_set_size, cfg.seed)
+        tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code)
+    except UserError as exc:
+        return [f"batches: computed when training starts ({str(exc).splitlines()[0]})"]
+    train_set, _ = tokenize_records(train_records, get_template(cfg.template), tokenizer, cfg.max_length,
+                                    cfg.truncation)
+    return batch_plan([len(ids) for ids in train_set["input_ids"]], cfg.max_length, cfg.micro_batch_size,
+                      runtime.gradient_accumulation_steps(cfg), runtime.world_size, cfg.packing).lines()
+
+
+def load_callbacks(paths: list[str]) -> list:
+    callbacks = []
+    for path in paths:
+        module, _, name = path.partition(":")
+        try:
+            callbacks.append(getattr(importlib.import_module(module), name)())
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"key 'callbacks': cannot load {path} ({exc})") from None
+    return callbacks
+
+
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    def run(cfg: TrainConfig) -> TrainResult | None:
+        import torch
+
+        runtime = resolve_runtime(cfg)
+        if cfg.dry_run:
+            if runtime.device == "cpu" or torch.cuda.is_available():  # else: decided on the GPU at start-up
+                cfg = settle_checkpointing(cfg, runtime, cfg.model)
+            print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
+            for line in dry_run_batches(cfg, runtime):  # on stderr: stdout stays the plan, pure YAML
+                logger.info(line)
+            return None
+        launcher.relaunch_if_needed(cfg, runtime, arguments)
+        return train(cfg, runtime)
+
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    return entry_point(arguments, help_text, load_config, run)
+
+
+if __name__ == "__main__":
+    main()

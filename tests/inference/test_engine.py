@@ -1,0 +1,193 @@
+"""The generation engine on the tiny model: continuous batching gives what ``generate`` gives, each
+request keeps its own settings and stop strings, cancelling frees a place at once, a full engine
+refuses, a failing batch neither hangs nor stays broken, and what batching cannot do still works."""
+
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alpaca_lora.inference.engine import Engine, EngineError, EngineSettings, QueueFull, Sampling, generate_texts
+from alpaca_lora.inference.loading import inference_settings, load_for_inference
+
+PROMPTS = ["What is the capital of Zorblax?", "Give three tips for staying healthy.", "Reverse the order of the words.",
+           "Name the capital of the country."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model, tiny_tokenizer):
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=4, max_queue=4)) as engine:
+        yield engine
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def greedy_reference(model, tokenizer, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """``generate``'s greedy tokens. Never while an engine generates: the model is not safe to run from
+    two threads at once next to continuous batching (the engine pauses the batch for its own direct uses)."""
+    ids = torch.tensor([prompt_ids])
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None,
+                            top_p=None, temperature=None)
+    return output[0, len(prompt_ids):].tolist()
+
+
+def test_concurrent_greedy_requests_get_what_generate_gives(engine, model, tiny_tokenizer):
+    prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
+    expected = [greedy_reference(model, tiny_tokenizer, p, 24) for p in prompts]
+    requests = [r for p in prompts for r in engine.submit(p, Sampling(max_new_tokens=24))]
+    sampled = engine.submit(prompts[0], Sampling(max_new_tokens=24, temperature=1.5, top_p=0.9), n=2)
+    for request, tokens in zip(requests, expected):
+        assert request.wait().token_ids == tokens
+        assert request.finish_reason == "length" and request.completion_tokens == 24
+    assert all(r.wait().completion_tokens == 24 for r in sampled)  # sampled neighbours in the same batch
+    assert engine.description.startswith("continuous batching")
+
+
+def test_a_sampled_request_switches_the_batch_and_greedy_requests_go_on(model, tiny_tokenizer):
+    prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
+    expected = [greedy_reference(model, tiny_tokenizer, p, 200) for p in prompts]
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=4)) as engine:
+        greedy = [r for p in prompts for r in engine.submit(p, Sampling(max_new_tokens=200))]
+        wait_for(lambda: all(r.token_ids for r in greedy))  # generating
+        assert engine.status()["sampling_batch"] is False
+        sampled = engine.submit(prompts[0], Sampling(max_new_tokens=10, temperature=1.0))[0]
+        assert sampled.wait().completion_tokens == 10 and engine.status()["sampling_batch"] is True
+        assert [r.wait().token_ids for r in greedy] == expected
+
+
+def wait_for(condition, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_text_streams_in_pieces_that_add_up(engine, tiny_tokenizer):
+    request = engine.submit(encode(tiny_tokenizer, PROMPTS[1]), Sampling(max_new_tokens=30, strip=False))[0]
+    deltas = list(request)
+    assert len(deltas) > 3 and "".join(d.text for d in deltas) == request.text
+    assert [t for d in deltas for t in d.token_ids] == request.token_ids  # every token, in order, once
+    assert request.text == tiny_tokenizer.decode(request.token_ids, skip_special_tokens=True)
+
+
+def test_a_stop_string_ends_only_its_own_request(engine, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, PROMPTS[1])
+    free = engine.submit(prompt, Sampling(max_new_tokens=30, strip=False))[0].wait()
+    stop = free.text[8:11]
+    cut, uncut = engine.submit(prompt, Sampling(max_new_tokens=30, strip=False, stop=(stop,)))[0], \
+        engine.submit(prompt, Sampling(max_new_tokens=30, strip=False))[0]
+    assert cut.wait().text == free.text[:free.text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.completion_tokens < 30 and cut.token_ids == free.token_ids[:cut.completion_tokens]
+    assert uncut.wait().text == free.text and uncut.finish_reason == "length"
+
+
+def test_cancel_frees_the_place_at_once_and_a_full_engine_refuses(model, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, PROMPTS[0])
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=1, max_queue=1)) as engine:
+        first, second = engine.submit(prompt, Sampling(max_new_tokens=400)) + \
+            engine.submit(prompt, Sampling(max_new_tokens=400))
+        with pytest.raises(QueueFull):
+            engine.submit(prompt, Sampling(max_new_tokens=4))
+        with pytest.raises(QueueFull):  # n requests come in together or not at all
+            engine.submit(prompt, Sampling(max_new_tokens=4), n=2)
+        next(iter(first))
+        first.cancel()
+        assert first.finish_reason == "cancelled" and engine.status()["generating"] == 1  # the second took its place
+        second.cancel()
+        assert engine.status()["generating"] == 0 and engine.status()["ended"] == {"cancelled": 2}
+        assert engine.submit(prompt, Sampling(max_new_tokens=4))[0].wait().completion_tokens == 4
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_recovers(model, tiny_tokenizer):
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=4)) as engine:
+        broken = engine.submit([engine.vocab_size + 7], Sampling(max_new_tokens=4))[0]  # no such token: it fails
+        with pytest.raises(EngineError):
+            broken.wait()
+        prompt = encode(tiny_tokenizer, PROMPTS[0])
+        assert engine.submit(prompt, Sampling(max_new_tokens=6))[0].wait().token_ids == \
+            greedy_reference(model, tiny_tokenizer, prompt, 6)
+        assert engine.status()["ended"]["failed"] == 1
+
+
+def test_an_empty_prompt_starts_from_the_start_token(engine, tiny_tokenizer):
+    request = engine.submit([], Sampling(max_new_tokens=3))[0].wait()
+    assert request.prompt_ids == [tiny_tokenizer.bos_token_id] and request.completion_tokens == 3
+
+
+def test_what_batching_does_not_do_runs_alone_and_says_so(engine, model, tiny_tokenizer, capsys):
+    prompt = encode(tiny_tokenizer, PROMPTS[2])
+    ids = torch.tensor([prompt])
+    beam = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, do_sample=False, max_new_tokens=12,
+                          early_stopping=True, pad_token_id=tiny_tokenizer.pad_token_id,
+                          eos_token_id=tiny_tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    request = engine.submit(prompt, Sampling(max_new_tokens=12, num_beams=3))[0].wait()
+    penalised = engine.submit(prompt, Sampling(max_new_tokens=12, repetition_penalty=1.3))[0].wait()
+    top_k = engine.submit(prompt, Sampling(max_new_tokens=12, temperature=0.8, top_k=5))[0].wait()
+    log = capsys.readouterr().err
+    assert request.token_ids == beam and "beam search is not continuously batched" in log
+    assert penalised.completion_tokens == top_k.completion_tokens == 12
+    assert "repetition_penalty is not continuously batched" in log and "top_k is not" in log
+
+
+def test_batching_off_generates_one_at_a_time_with_the_same_answers(model, tiny_tokenizer):
+    prompts = [encode(tiny_tokenizer, p) for p in PROMPTS[:2]]
+    with Engine(model, tiny_tokenizer, EngineSettings(batching="off")) as engine:
+        assert engine.description.startswith("one request at a time (batching=off)")
+        requests = [engine.submit(p, Sampling(max_new_tokens=10))[0] for p in prompts]
+        assert [r.wait().token_ids for r in requests] == [greedy_reference(model, tiny_tokenizer, p, 10)
+                                                          for p in prompts]
+
+
+def test_starting_an_engine_leaves_the_random_generator_alone(model, tiny_tokenizer):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with Engine(model, tiny_tokenizer):  # continuous batching seeds the generator when it starts
+        assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_batch_job_and_training_mode(model, tiny_tokenizer):
+    prompts = [encode(tiny_tokenizer, p) for p in PROMPTS * 3]
+    model.train()
+    texts = generate_texts(model, tiny_tokenizer, prompts, Sampling(max_new_tokens=8), max_batch=3)
+    assert model.training  # as it was
+    model.eval()
+    expected = [tiny_tokenizer.decode(greedy_reference(model, tiny_tokenizer, p, 8), skip_special_tokens=True).strip()
+                for p in prompts]
+    assert texts == expected
+
+
+def test_log_probabilities_are_those_of_a_forward_pass(engine, model, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, PROMPTS[3])
+    request = engine.submit(prompt, Sampling(max_new_tokens=10, temperature=1.0))[0].wait()
+    scorer = engine.scorer(prompt, top=5)
+    scored = scorer.score(request.token_ids[:4]) + scorer.score(request.token_ids[4:])  # in two parts, as streamed
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt + request.token_ids])).logits[0].float(), dim=-1)
+    for position, entry in enumerate(scored):
+        row = logprobs[len(prompt) - 1 + position]
+        assert entry.token_id == request.token_ids[position]
+        assert entry.logprob == pytest.approx(row[entry.token_id].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == row.topk(5).indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(row.topk(5).values.tolist(), abs=1e-4)
+
+
+def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
+    loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[4]), device="cpu"))
+    engine = loaded.engine(EngineSettings(max_batch=2))
+    try:
+        assert engine.description.startswith("continuous batching")
+        prompt = loaded.encode(loaded.prompt(fact["instruction"]))
+        answers = engine.submit(prompt, Sampling(max_new_tokens=20), n=2)
+        assert [a.wait().text for a in answers] == [fact["output"]] * 2
+    finally:
+        engine.close()
