@@ -114,13 +114,22 @@ class Endpoint:
             prompt_tokens = int(usage.prompt_tokens) if usage else 0
             completion_tokens = int(usage.completion_tokens) if usage else 0
         except (openai.APIResponseValidationError, AttributeError, IndexError, TypeError, ValueError):
-            return Reply(retries=raw.retries_taken, problem="malformed_reply")
+            return Reply(retries=raw.retries_taken, problem="malformed_reply", error=_not_a_reply(raw))
         return Reply(text=text, finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
                      completion_tokens=completion_tokens, retries=raw.retries_taken,
                      problem=None if text and text.strip() else "empty_reply")
 
     def close(self) -> None:
         self.client.close()
+
+
+def _not_a_reply(raw) -> str:
+    """What came back instead of an OpenAI response (a proxy's HTML page, a truncated body), shortened."""
+    try:
+        body = " ".join(raw.http_response.text.split())
+    except Exception:  # noqa: BLE001 - an unreadable body is described as such
+        body = "(unreadable)"
+    return f"{raw.http_response.status_code} reply is not an OpenAI response: {body[:80] or '(empty body)'}"
 
 
 def _message(exc: openai.APIError) -> str:

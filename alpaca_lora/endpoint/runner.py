@@ -18,6 +18,8 @@ from alpaca_lora.endpoint.client import Endpoint, Reply
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
 # down or refuses our requests (a parameter it does not take): stop and show the last error.
 MAX_CONSECUTIVE_FAILURES = 10
+# A reply that is not an OpenAI response (a proxy's error page with status 200) is the endpoint failing too.
+FAILURES = ("failed_request", "rejected_request", "malformed_reply")
 
 
 class Job(Protocol):
@@ -133,7 +135,7 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
                          "problem": reply.problem, "error": reply.error, **job.accept(key, reply)}
                 journal.append(entry)
                 totals.add(entry)
-                failed = reply.problem in ("failed_request", "rejected_request")
+                failed = reply.problem in FAILURES
                 failures_in_a_row = failures_in_a_row + 1 if failed else 0
                 bar.n = job.done()
                 bar.set_postfix_str(_postfix(totals, endpoint), refresh=True)
@@ -161,9 +163,10 @@ def _budget_limit(budget: Budget, totals: Totals, endpoint: Endpoint, in_flight:
 
 def _in_flight_should_suffice(job: Job, totals: Totals, in_flight: int) -> bool:
     """Near the end, do not pay for requests whose records would only be discarded as over target."""
-    if not in_flight or not totals.records:
+    replied = totals.requests - totals.problems["failed_request"] - totals.problems["rejected_request"]
+    if not in_flight or not totals.records or not replied:
         return False
-    return in_flight * totals.records / totals.succeeded >= job.total - job.done()
+    return in_flight * totals.records / replied >= job.total - job.done()
 
 
 def _postfix(totals: Totals, endpoint: Endpoint) -> str:

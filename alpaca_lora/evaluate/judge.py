@@ -29,7 +29,7 @@ from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.endpoint.client import Reply
-from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.endpoint.runner import FAILURES, MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
@@ -118,7 +118,7 @@ class JudgeJob:
 
     def _note(self, entry: dict) -> None:
         key = entry.get("hash")
-        if key not in self.units or key in self.final or entry.get("problem") in ("failed_request", "rejected_request"):
+        if key not in self.units or key in self.final or entry.get("problem") in FAILURES:
             return
         if entry.get("verdict"):
             self.final[key] = {"verdict": entry["verdict"], "reply": entry["reply"],
@@ -139,7 +139,7 @@ class JudgeJob:
 
     def accept(self, key: str, reply: Reply) -> dict:
         entry = {"hash": key, "verdict": None, "reply": reply.text}
-        if reply.problem in ("failed_request", "rejected_request"):
+        if reply.problem in FAILURES:  # no reply from the judge (an error page is none): asked again next run
             return {**entry, "records": [], "discarded": {}}
         entry["verdict"] = parse_verdict(reply.text)
         self._note({**entry, "problem": None})

@@ -227,3 +227,16 @@ def test_sigkill_at_any_point_loses_nothing_and_duplicates_nothing(seeds, tmp_pa
     assert len(records) == 200 and len(set(instructions)) == 200
     assert set(accepted_before_kills) <= set(instructions)
     assert json.loads((out / "data.summary.json").read_text())["complete"]
+
+
+def test_a_teacher_answering_html_stops_the_run_and_the_rerun_after_the_fix_completes(seeds, tmp_path, capsys):
+    """Issue 22: the runner the judge and ``answer`` share; a 200 that is not an OpenAI response is the endpoint
+    failing, not a reply: ten in a row stop the run (before, it asked on until max_requests)."""
+    with ScriptedOpenAI(default=lambda body: Fault(body="<html>oops</html>")) as server:
+        assert build(server, seeds, tmp_path, "target=17", "concurrency=2", "max_requests=40") == 1
+    summary, records, _ = outputs(tmp_path)
+    assert summary["stop_reason"] == "endpoint_failing" and 10 <= summary["malformed_reply"] < 40 and records == []
+    assert "not an OpenAI response" in capsys.readouterr().err
+    with ScriptedOpenAI(default=task_replies()) as server:
+        assert build(server, seeds, tmp_path, "target=17", "concurrency=2") == 0
+    assert outputs(tmp_path)[0]["complete"] and len(outputs(tmp_path)[1]) == 17

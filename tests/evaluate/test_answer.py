@@ -215,3 +215,16 @@ def test_held_out_items_are_the_validation_split_of_the_training_run(tmp_path):
     _, expected = split_records(skills(), 20, 7)
     assert [(i["instruction"], i["input"], i["reference"]) for i in items] == \
         [(r["instruction"], r["input"], r["output"]) for r in expected]
+
+
+def test_empty_first_replies_neither_crash_answer_nor_its_rerun(alpaca_set, tmp_path, monkeypatch):
+    """Issue 22: an endpoint whose first replies were empty ended ``answer`` in a ZeroDivisionError, and every
+    rerun too. An empty reply is an answer (it loses), counted; the rest are answered."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    output = tmp_path / "answers.jsonl"
+    args = ["answer", f"set={alpaca_set}", "model=gpt-4o-mini", f"output={output}", "concurrency=2"]
+    with ScriptedOpenAI(default=lambda body: Reply("an answer"), script=[Reply(""), Reply("")]) as server:
+        assert main([*args, f"base_url={server.base_url}", "limit=2"]) == 0
+        assert main([*args, f"base_url={server.base_url}"]) == 0
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [a["output"] for a in answers] == ["", "", "an answer"] and len(server.received) == 3

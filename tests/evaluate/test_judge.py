@@ -286,3 +286,19 @@ def test_identical_responses_are_a_tie_without_a_request(tmp_path):
     assert len(server.received) == 2 and all("same words" not in shown(r["body"]) for r in server.received)
     assert report["complete"] and (report["wins_a"], report["ties"]) == (1, 1)
     assert judgments[1]["identical"] and judgments[1]["winner"] == "tie"
+
+
+def test_a_judge_endpoint_answering_html_is_a_failure_not_a_tie_and_the_rerun_after_the_fix_completes(
+        answers, tmp_path, capsys):
+    """Issue 22: a 200 whose body is ``<html>oops</html>`` was scored as a tie, then the run died of a
+    ZeroDivisionError, and so did every rerun, the endpoint fixed or not."""
+    with ScriptedOpenAI(default=lambda body: Fault(body="<html>oops</html>")) as server:
+        assert judge(server, answers, tmp_path / "out", "max_retries=0") == 1
+    err = capsys.readouterr().err
+    assert "failed requests in a row" in err and "not an OpenAI response" in err
+    assert not (tmp_path / "out" / "report.json").exists()  # no pair was judged: no report of made-up ties
+    with ScriptedOpenAI(default=fair) as server:
+        assert judge(server, answers, tmp_path / "out") == 0
+    report, judgments = read_outputs(tmp_path / "out")
+    assert len(server.received) == 14 and report["complete"]
+    assert (report["wins_a"], report["wins_b"], report["ties"]) == (4, 1, 2) and report["unparseable_replies"] == 0
