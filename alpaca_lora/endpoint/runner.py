@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 from tqdm.auto import tqdm
 
 from alpaca_lora.common.journal import Journal
+from alpaca_lora.common.logs import get_logger
 from alpaca_lora.endpoint.client import Endpoint, Reply
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
@@ -20,6 +21,9 @@ from alpaca_lora.endpoint.client import Endpoint, Reply
 MAX_CONSECUTIVE_FAILURES = 10
 # A reply that is not an OpenAI response (a proxy's error page with status 200) is the endpoint failing too.
 FAILURES = ("failed_request", "rejected_request", "malformed_reply")
+# Before any reply has measured a prompt: a rough rule for English text and GPT-style tokenizers.
+CHARS_PER_TOKEN = 4
+log = get_logger(__name__)
 
 
 class Job(Protocol):
@@ -32,6 +36,7 @@ class Job(Protocol):
     def accept(self, key: Any, reply: Reply) -> dict: ...
     def done(self) -> int: ...
     def finished(self) -> bool: ...
+    # Optional: ``pending_prompts() -> list`` (the prompts still to send), for the estimate before the first request.
 
 
 @dataclass
@@ -89,12 +94,72 @@ class Budget:
     max_cost: float | None
 
 
+@dataclass
+class Flight:
+    """A request on its way: its number, the job's key, its prompt, the prompt's size and its estimated cost."""
+
+    number: int
+    key: Any
+    prompt: str | list[dict]
+    chars: int
+    cost: float | None
+
+
+def prompt_chars(prompt: str | list[dict]) -> int:
+    """The characters a prompt (or a chat's messages) sends."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content") or "")) for m in prompt)
+
+
+class CostEstimate:
+    """What a request will cost before it is sent, so that none is sent past ``max_cost``, the first included:
+    its prompt's characters at the tokens per character this run's replies measured (``CHARS_PER_TOKEN`` until one
+    comes back), plus the average reply so far."""
+
+    def __init__(self, endpoint: Endpoint, totals: Totals):
+        self.endpoint, self.totals = endpoint, totals
+        self.chars = self.tokens = 0
+
+    def prompt_tokens(self, chars: int) -> float:
+        return chars * (self.tokens / self.chars if self.tokens else 1 / CHARS_PER_TOKEN)
+
+    def cost(self, chars: int) -> float | None:
+        replies = self.totals.succeeded
+        completion = self.totals.completion_tokens / replies if replies else 0.0
+        return self.endpoint.cost(self.prompt_tokens(chars), completion)
+
+    def measured(self, chars: int, prompt_tokens: int) -> None:
+        if prompt_tokens:
+            self.chars, self.tokens = self.chars + chars, self.tokens + prompt_tokens
+
+
+def announce(job: Job, endpoint: Endpoint, budget: Budget) -> None:
+    """Before the first request: how many requests, about how many prompt tokens and, with a price, what the prompts
+    cost; a warning when that is past ``max_cost`` (a huge answers file must not reach a paid judge unnoticed)."""
+    pending = getattr(job, "pending_prompts", None)
+    sizes = [prompt_chars(prompt) for prompt in pending()] if pending else []
+    if not sizes:
+        return
+    tokens = sum(sizes) / CHARS_PER_TOKEN
+    cost = endpoint.cost(tokens, 0)
+    line = (f"{len(sizes)} requests to send, about {tokens:,.0f} prompt tokens ({CHARS_PER_TOKEN} characters a "
+            f"token; the longest prompt about {max(sizes) / CHARS_PER_TOKEN:,.0f})")
+    if cost is None:
+        log.info(line + "; no price known for a cost estimate (price_input=, price_output=)")
+    elif budget.max_cost is not None and cost > budget.max_cost:
+        log.warning(f"warning: {line}, estimated ${cost:,.2f} for the prompts alone: over max_cost="
+                    f"${budget.max_cost:,.2f}, so the run stops (resumably) before its spend would pass it")
+    else:
+        log.info(f"{line}, estimated ${cost:,.2f} for the prompts alone")
+
+
 def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget, totals: Totals,
                  mode: str, desc: str, pacer: Pacer | None = None) -> str:
     """Runs until the job is finished or a limit is reached; returns why it stopped."""
     pacer = pacer or Pacer(budget.requests_per_minute)
+    estimate = CostEstimate(endpoint, totals)
+    announce(job, endpoint, budget)
     number = totals.requests
-    in_flight: dict = {}
+    in_flight: dict = {}  # future -> Flight
     failures_in_a_row = 0
     stop = None
     bar = tqdm(total=job.total, initial=job.done(), desc=desc, unit="rec", dynamic_ncols=True)
@@ -106,16 +171,10 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
             if stop is None and failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 stop = "endpoint_failing"
             while stop is None and len(in_flight) < budget.concurrency and pacer.ready():
-                limit = _budget_limit(budget, totals, endpoint, len(in_flight))
-                if limit and not in_flight:
-                    stop = limit
-                if limit or _in_flight_should_suffice(job, totals, len(in_flight)):
+                flight, stop = _launch(job, endpoint, budget, totals, estimate, in_flight, number)
+                if flight is None:
                     break
-                request = job.next_prompt(number)
-                if request is None:
-                    break
-                key, prompt = request
-                in_flight[pool.submit(endpoint.complete, prompt)] = (number, key)
+                in_flight[pool.submit(endpoint.complete, flight.prompt)] = flight
                 number += 1
                 pacer.started()
             if not in_flight:
@@ -128,15 +187,15 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
                 break
             finished, _ = wait(in_flight, timeout=pacer.delay() or None, return_when=FIRST_COMPLETED)
             for future in finished:
-                request_number, key = in_flight.pop(future)
+                flight = in_flight.pop(future)
                 reply = future.result()  # raises EndpointError: stop the run
-                entry = {"request": request_number, "mode": mode, "prompt_tokens": reply.prompt_tokens,
+                estimate.measured(flight.chars, reply.prompt_tokens)
+                entry = {"request": flight.number, "mode": mode, "prompt_tokens": reply.prompt_tokens,
                          "completion_tokens": reply.completion_tokens, "retries": reply.retries,
-                         "problem": reply.problem, "error": reply.error, **job.accept(key, reply)}
+                         "problem": reply.problem, "error": reply.error, **job.accept(flight.key, reply)}
                 journal.append(entry)
                 totals.add(entry)
-                failed = reply.problem in FAILURES
-                failures_in_a_row = failures_in_a_row + 1 if failed else 0
+                failures_in_a_row = failures_in_a_row + 1 if reply.problem in FAILURES else 0
                 bar.n = job.done()
                 bar.set_postfix_str(_postfix(totals, endpoint), refresh=True)
     except KeyboardInterrupt:
@@ -149,16 +208,32 @@ def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget,
     return stop
 
 
-def _budget_limit(budget: Budget, totals: Totals, endpoint: Endpoint, in_flight: int) -> str | None:
-    """The limit one more request would pass, counting those in flight at the average cost so far."""
-    if budget.max_requests is not None and totals.requests + in_flight >= budget.max_requests:
-        return "max_requests"
-    if budget.max_cost is None:
-        return None
-    if not totals.succeeded:
-        return "max_cost" if in_flight else None  # no cost measured yet: one request at a time
-    spent = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
-    return "max_cost" if spent + (in_flight + 1) * spent / totals.succeeded > budget.max_cost else None
+def _launch(job: Job, endpoint: Endpoint, budget: Budget, totals: Totals, estimate: CostEstimate, in_flight: dict,
+            number: int) -> tuple[Flight | None, str | None]:
+    """The next request to send, or None and, when a limit is reached with
+    nothing in flight to wait for, the reason to stop. A request past ``max_cost`` is never sent: the run
+    stops there, and the next run asks it first."""
+    if budget.max_requests is not None and totals.requests + len(in_flight) >= budget.max_requests:
+        return None, None if in_flight else "max_requests"
+    if budget.max_cost is not None and in_flight and not totals.succeeded:
+        return None, None  # no reply measured yet: one request at a time
+    if _in_flight_should_suffice(job, totals, len(in_flight)):
+        return None, None
+    request = job.next_prompt(number)
+    if request is None:
+        return None, None
+    key, prompt = request
+    chars = prompt_chars(prompt)
+    flight = Flight(number, key, prompt, chars, estimate.cost(chars))
+    if budget.max_cost is not None and flight.cost is not None:
+        spent = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
+        coming = sum(f.cost or 0.0 for f in in_flight.values())
+        if spent + coming + flight.cost > budget.max_cost:
+            log.info(f"max_cost=${budget.max_cost:,.2f}: the next request (about "
+                     f"{estimate.prompt_tokens(flight.chars):,.0f} prompt tokens, ${flight.cost:,.4f}) would take the "
+                     f"spend (${spent:,.4f}{f' + ${coming:,.4f} in flight' if coming else ''}) past it; not sent")
+            return None, "max_cost"
+    return flight, None
 
 
 def _in_flight_should_suffice(job: Job, totals: Totals, in_flight: int) -> bool:

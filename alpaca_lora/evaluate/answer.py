@@ -7,7 +7,6 @@ are rewritten, in the set's order, at the end of every run.
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -19,11 +18,11 @@ from alpaca_lora.common.logs import get_logger
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import file_name, write_answers
 from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
 from alpaca_lora.evaluate.settings import AnswerConfig
 
-EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 log = get_logger(__name__).info
 
 
@@ -102,7 +101,7 @@ def _answer_with_local_model(cfg: AnswerConfig, answering: Answering, output: Pa
     model = LocalModel(cfg, cfg.batch_size)
     log(f"{len(answering.items)} items; {model.description}; {len(answering.answered)} answered before")
     stop = "finished"
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
+    stop_on_sigterm()  # a scheduler's preemption, `kill`: stop cleanly
     try:
         with tqdm(total=len(answering.items), initial=len(answering.answered), desc="answering", unit="item") as bar:
             answers = model(answering.todo, cfg)
@@ -125,7 +124,7 @@ def _answer_with_endpoint(cfg: AnswerConfig, answering: Answering, output: Path)
     job = AnswerJob(answering, cfg)
     log(f"{len(answering.items)} items; model {cfg.model} at {endpoint.client.base_url}, {cfg.api} API; "
         f"{len(answering.answered)} answered before")
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    stop_on_sigterm()
     started = time.monotonic()
     stop = run_requests(job, endpoint, answering.journal, cfg.budget(), totals, "answer", desc="answering")
     usage = summary(job, totals, endpoint, stop, time.monotonic() - started, job.total)
@@ -148,12 +147,17 @@ class AnswerJob:
 
     def next_prompt(self, number: int):
         item = next(self._pending, None)
-        if item is None:
-            return None
+        return None if item is None else (item, self.prompt(item))
+
+    def pending_prompts(self) -> list:
+        return [self.prompt(item) for item in self.answering.todo]
+
+    def prompt(self, item: dict) -> str | list[dict]:
+        """The training template's prompt (api=completions), or the chat messages."""
         if self.template:
-            return item, self.template.format(item["instruction"], item["input"])
+            return self.template.format(item["instruction"], item["input"])
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-        return item, system + [{"role": "user", "content": fold(item["instruction"], item["input"])}]
+        return system + [{"role": "user", "content": fold(item["instruction"], item["input"])}]
 
     def accept(self, item: dict, reply: Reply) -> dict:
         if reply.problem and reply.problem != "empty_reply":  # an empty answer is an answer, and loses
@@ -178,8 +182,4 @@ def _finish(answering: Answering, output: Path, stop: str) -> int:
         f"(AlpacaEval form: {alpaca_eval}); stopped: {stop}")
     if len(records) < len(answering.items):
         log("run the same command again to continue")
-    return EXIT_CODES.get(stop, 0)
-
-
-def _stop_like_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt
+    return exit_code(stop)

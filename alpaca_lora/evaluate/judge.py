@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import signal
 import time
 from pathlib import Path
 
@@ -30,12 +29,12 @@ from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import FAILURES, MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
 from alpaca_lora.evaluate.settings import JudgeConfig
 
-EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 ATTEMPTS = 2  # a reply without a verdict is asked again once, then scored as a tie
 
 SYSTEM_PROMPT = """\
@@ -127,7 +126,8 @@ class JudgeJob:
         replies = self.unparseable.setdefault(key, [])
         replies.append(entry.get("reply"))
         if len(replies) >= ATTEMPTS:
-            self.final[key] = {"verdict": "C", "reply": entry.get("reply"), "unparseable": len(replies)}
+            self.final[key] = {"verdict": "C", "reply": entry.get("reply"), "unparseable": len(replies),
+                               "no_verdict": True}
 
     def next_prompt(self, number: int):
         queue = self._retry if self._retry else self._pending
@@ -136,6 +136,9 @@ class JudgeJob:
             if key not in self.final:
                 return key, self.units[key][2]
         return None
+
+    def pending_prompts(self) -> list[list[dict]]:
+        return [self.units[key][2] for key in self._retry + self._pending if key not in self.final]
 
     def accept(self, key: str, reply: Reply) -> dict:
         entry = {"hash": key, "verdict": None, "reply": reply.text}
@@ -173,7 +176,8 @@ class JudgeJob:
             verdicts = [orders[0]["verdict"], orders[1]["verdict"]]
             judged.append({**pair_fields(pair, generator_a, generator_b), "verdicts": verdicts,
                            "winner": combine(*verdicts), "replies": [orders[0]["reply"], orders[1]["reply"]],
-                           "unparseable": orders[0]["unparseable"] + orders[1]["unparseable"]})
+                           "unparseable": orders[0]["unparseable"] + orders[1]["unparseable"],
+                           "no_verdict": sum(bool(orders[o].get("no_verdict")) for o in (0, 1))})
         return judged
 
 
@@ -216,7 +220,7 @@ def run_judge(cfg: JudgeConfig) -> int:
     judge = cfg.open_endpoint(cfg.judge_model, "chat", {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens})
     log(f"judge {cfg.judge_model} at {judge.client.base_url}: {job.total} judgments (both orders), "
         f"{job.done()} cached in {journal.path}")
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    stop_on_sigterm()
     started = time.monotonic()
     stop = run_requests(job, judge, journal, cfg.budget(), totals, "judge", desc="judging")
     usage = summary(job, totals, judge, stop, time.monotonic() - started, job.total)
@@ -236,10 +240,12 @@ def _finish(cfg: JudgeConfig, a, b, pairs: list[Pair], judged: list[dict], outpu
                       "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judged))
     if not judged:
         log(f"no pair was judged in both orders yet (stopped: {stop}); run the same command again to continue")
-        return EXIT_CODES.get(stop, 1)
+        return exit_code(stop, default=1)
     report = build_report(a.generator, b.generator, judged, judge=judge, pairs_total=len(pairs), usage=usage,
                           with_position=cfg.judge == "llm")
     report.update(a_file=a.source, b_file=b.source, stop_reason=stop)
+    if cfg.judge == "llm":
+        report["no_verdict"] = no_verdict(judged, cfg.max_unparseable)
     write_report(report, output_dir)
     print_report(report)
     log(f"report: {output_dir / 'report.json'}, chart: {output_dir / 'report.png'}, "
@@ -249,8 +255,20 @@ def _finish(cfg: JudgeConfig, a, b, pairs: list[Pair], judged: list[dict], outpu
             log(f"stopped at {stop}: raise it and run the same command to judge the rest")
         else:
             log("run the same command again to judge the rest")
-    return EXIT_CODES.get(stop, 0)
+    code = exit_code(stop)
+    missing = report.get("no_verdict")
+    if missing and missing["share"] > cfg.max_unparseable:
+        get_logger(__name__).warning(
+            f"warning: {missing['judgments']} of {missing['of']} judgments ({missing['share']:.1%}) got no verdict "
+            f"([[A]], [[B]] or [[C]]) though asked twice, and count as ties: past max_unparseable="
+            f"{cfg.max_unparseable}, so these results say little (read the judge's replies in judgments.jsonl)")
+        code = code or exit_code("no_verdict")
+    return code
 
 
-def _stop_like_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt
+def no_verdict(judged: list[dict], threshold: float) -> dict:
+    """How many judgments (one per order of a pair sent to the judge) ended without a verdict, as ties."""
+    asked = [j for j in judged if not j.get("identical")]
+    missing = sum(j.get("no_verdict", 0) for j in asked)
+    return {"judgments": missing, "of": 2 * len(asked),
+            "share": round(missing / (2 * len(asked)), 4) if asked else 0.0, "max_unparseable": threshold}

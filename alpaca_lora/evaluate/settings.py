@@ -48,6 +48,8 @@ class JudgeConfig(EndpointSettings):
     temperature: Optional[float] = key(0.0, "the judge's sampling temperature (MT-Bench: 0); null to leave it "
                                             "to the server")
     max_tokens: Optional[int] = key(2048, "completion token limit of a judgment; null for none")
+    max_unparseable: float = key(0.1, "share of judgments that may end without a verdict (scored as ties); past "
+                                      "it the run warns and exits with code 4")
 
 
 def load_answer_config(argv: list[str]) -> AnswerConfig:
@@ -80,5 +82,6 @@ def load_judge_config(argv: list[str]) -> JudgeConfig:
         (cfg.judge != "llm" or bool(cfg.judge_model), "judge_model", "must be set (the judge model's name), or "
                                                                      "judge=reference"),
         (cfg.max_tokens is None or cfg.max_tokens >= 1, "max_tokens", "must be at least 1"),
+        (0 <= cfg.max_unparseable <= 1, "max_unparseable", "must be a share between 0 and 1"),
     ])
     return cfg

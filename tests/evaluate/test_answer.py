@@ -228,3 +228,15 @@ def test_empty_first_replies_neither_crash_answer_nor_its_rerun(alpaca_set, tmp_
         assert main([*args, f"base_url={server.base_url}"]) == 0
     answers = [json.loads(line) for line in output.read_text().splitlines()]
     assert [a["output"] for a in answers] == ["", "", "an answer"] and len(server.received) == 3
+
+
+def test_a_run_stopped_by_max_cost_exits_with_its_own_code_and_the_rerun_finishes(alpaca_set, tmp_path, monkeypatch):
+    """Issue 22: a run stopped by max_cost exited 0, as if it had finished."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    args = ["answer", f"set={alpaca_set}", "model=gpt-4o-mini", f"output={tmp_path / 'answers.jsonl'}",
+            "concurrency=1", "price_input=10000", "price_output=10000"]
+    with ScriptedOpenAI(default=lambda body: Reply("an answer of five words")) as server:
+        assert main([*args, f"base_url={server.base_url}", "max_cost=0.15"]) == 3
+        assert 1 <= len(server.received) < 3
+        assert main([*args, f"base_url={server.base_url}", "max_cost=10"]) == 0
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 3 == len(server.received)

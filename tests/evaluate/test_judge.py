@@ -126,7 +126,7 @@ def test_unparseable_replies_are_asked_again_once_then_scored_as_ties(answers, t
 
     script = [Reply("Both have merits.")]  # the very first request: no verdict, asked again
     with ScriptedOpenAI(default=mumbling, script=script) as server:
-        assert judge(server, answers, tmp_path / "out", "concurrency=1") == 0
+        assert judge(server, answers, tmp_path / "out", "concurrency=1", "max_unparseable=0.2") == 0
     report, judgments = read_outputs(tmp_path / "out")
     # 14 judgments + 1 retry of the first + 2 retries for item 5 (both orders, asked twice each)
     assert len(server.received) == 17
@@ -181,7 +181,7 @@ def test_max_cost_stops_before_the_spend_would_pass_it_and_a_rerun_continues(ans
     # At $1000 per million tokens a judgment of ~50 tokens (as the fake server counts them) costs about $0.05.
     prices = ["price_input=1000", "price_output=1000"]
     with ScriptedOpenAI(default=fair) as server:
-        assert judge(server, answers, tmp_path / "out", "max_cost=0.3", *prices) == 0
+        assert judge(server, answers, tmp_path / "out", "max_cost=0.3", *prices) == 3  # stopped, not finished
         report, judgments = read_outputs(tmp_path / "out")
         per_request = report["usage"]["cost_usd"] / report["usage"]["requests"]
         assert report["stop_reason"] == "max_cost" and not report["complete"]
@@ -302,3 +302,32 @@ def test_a_judge_endpoint_answering_html_is_a_failure_not_a_tie_and_the_rerun_af
     report, judgments = read_outputs(tmp_path / "out")
     assert len(server.received) == 14 and report["complete"]
     assert (report["wins_a"], report["wins_b"], report["ties"]) == (4, 1, 2) and report["unparseable_replies"] == 0
+
+
+def test_a_judge_that_never_gives_a_verdict_says_so_loudly_and_exits_non_zero(answers, tmp_path, capsys):
+    """Issue 22: 104 replies without a verdict made a "complete" report of ties and exit 0."""
+    with ScriptedOpenAI(default=lambda body: Reply("Both responses have their merits.")) as server:
+        assert judge(server, answers, tmp_path / "out") == 4
+    report, judgments = read_outputs(tmp_path / "out")
+    assert len(server.received) == 28 and report["ties"] == 7  # every judgment asked twice, then a tie
+    assert report["no_verdict"] == {"judgments": 14, "of": 14, "share": 1.0, "max_unparseable": 0.1}
+    err = capsys.readouterr().err
+    assert "warning: 14 of 14 judgments (100.0%) got no verdict" in err and "max_unparseable=0.1" in err
+
+
+def test_the_cost_is_estimated_before_the_first_request_and_one_past_max_cost_is_never_sent(tmp_path, capsys):
+    """Issue 22: a 50 MB answers file sent 80 prompts of 1.25 MB each to a paid judge without a word, and max_cost
+    let the first request through unpriced."""
+    long = "word " * 20_000  # 100,000 characters an answer: about 25,000 tokens at 4 characters a token
+    a = write_answers(tmp_path / "a.jsonl", "model-a", [f"GOOD {i} {long}" for i in range(3)])
+    b = write_answers(tmp_path / "b.jsonl", "model-b", [f"BAD {i} {long}" for i in range(3)])
+    prices = ["price_input=100", "price_output=100"]  # USD per million tokens: about $5 a request
+    with ScriptedOpenAI(default=fair) as server:
+        assert judge(server, (a, b), tmp_path / "out", "max_cost=3", *prices) == 3
+        assert server.received == []
+        err = capsys.readouterr().err
+        assert re.search(r"warning: 6 requests to send, about 30\d,\d{3} prompt tokens .*the longest prompt about "
+                         r"50,\d{3}\), estimated \$30\.\d\d for the prompts alone: over max_cost=\$3\.00", err)
+        assert "the next request (about 50," in err and "not sent" in err
+        assert judge(server, (a, b), tmp_path / "out", *prices) == 0
+    assert len(server.received) == 6 and "estimated $30" in capsys.readouterr().err
