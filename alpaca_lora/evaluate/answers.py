@@ -99,10 +99,10 @@ def _answer(record: object, where: str, label: str, number: int) -> dict:
     else:
         output, reference = text_field(record, "output", where, label), text_field(record, "reference", where, label,
                                                                                    required=False)
-    category = text_field(record, "category", where, label, required=False) or \
-        text_field(record, "dataset", where, label, required=False)
+    dataset = text_field(record, "dataset", where, label, required=False)
+    category = text_field(record, "category", where, label, required=False) or dataset
     item = make_item(text_field(record, "id", where, label, required=False) or str(number), instruction, input_text,
-                     category, reference)
+                     category, reference, dataset)
     return {**item, "output": output.strip(), "named_by": text_field(record, "generator", where, label, required=False)}
 
 
@@ -127,6 +127,6 @@ def write_answers(path: Path, records: list[dict]) -> Path:
     atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     alpaca_eval = path.with_name(path.stem + ".alpaca_eval.json")
     outputs = [{"instruction": fold(r["instruction"], r["input"]), "output": r["output"], "generator": r["generator"],
-                "dataset": r["category"] or "none"} for r in records]
+                "dataset": r.get("dataset") or "none"} for r in records]
     atomic_write_text(alpaca_eval, json.dumps(outputs, indent=2, ensure_ascii=False) + "\n")
     return alpaca_eval

@@ -8,8 +8,10 @@ either says tie) is a tie. The position-bias rate is the share of pairs where bo
 same position (A twice, or B twice): the verdict followed the position, not the response.
 
 Each request is journaled under a hash of (judge model, prompts, both responses), so a rerun in the
-same ``output_dir`` costs nothing, a stopped run resumes, and a changed answer is judged again alone.
-Two identical responses are a tie without asking.
+same ``output_dir`` costs nothing, a stopped run resumes, and a changed answer is judged again alone;
+the verdicts are also kept in the user's judgment cache (``judgment_cache``), so a run in another
+output directory, or of the swapped pair, pays only for what was never judged. Two identical
+responses are a tie without asking.
 
 The reference judge (``judge=reference``) needs no endpoint: a response that equals the reference
 answer beats one that does not; both right or both wrong is a tie.
@@ -27,11 +29,12 @@ from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.paths import atomic_write_text
-from alpaca_lora.endpoint.client import Reply
+from alpaca_lora.endpoint.client import Endpoint, Reply
 from alpaca_lora.endpoint.runner import FAILURES, MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
 from alpaca_lora.evaluate.exact_match import is_exact_match
+from alpaca_lora.evaluate.judgment_cache import JudgmentCache, cache_key
 from alpaca_lora.evaluate.report import build_report, print_report, write_report
 from alpaca_lora.evaluate.settings import JudgeConfig
 
@@ -110,10 +113,26 @@ class JudgeJob:
         self.total = len(self.units)
         self.final: dict[str, dict] = {}  # hash -> {"verdict", "reply", "unparseable"}
         self.unparseable: dict[str, list[str]] = {}
+        self.from_cache: set[str] = set()  # hashes taken from the user's judgment cache (this run or before)
         for entry in entries:
             self._note(entry)
         self._pending = [key for key in self.units if key not in self.final]
         self._retry: list[str] = []
+
+    def take_cached(self, found: dict[str, dict]) -> list[dict]:
+        """Judgments found in the user's cache, ``{hash: {"verdict", "reply"}}``, as final; their journal entries."""
+        entries = [{"request": None, "mode": "judge", "cached": True, "hash": key, "verdict": judgment["verdict"],
+                    "reply": judgment["reply"], "records": [key], "discarded": {}}
+                   for key, judgment in found.items() if key in self.units and key not in self.final]
+        for entry in entries:
+            self._note(entry)
+        self._pending = [key for key in self._pending if key not in self.final]
+        return entries
+
+    def new_verdicts(self) -> dict[str, dict]:
+        """The real verdicts (not ties for want of one) that did not come from the cache: for the cache."""
+        return {key: {"verdict": final["verdict"], "reply": final["reply"]} for key, final in self.final.items()
+                if not final.get("no_verdict") and key not in self.from_cache}
 
     def _note(self, entry: dict) -> None:
         key = entry.get("hash")
@@ -122,6 +141,8 @@ class JudgeJob:
         if entry.get("verdict"):
             self.final[key] = {"verdict": entry["verdict"], "reply": entry["reply"],
                                "unparseable": len(self.unparseable.get(key, []))}
+            if entry.get("cached"):
+                self.from_cache.add(key)
             return
         replies = self.unparseable.setdefault(key, [])
         replies.append(entry.get("reply"))
@@ -137,8 +158,11 @@ class JudgeJob:
                 return key, self.units[key][2]
         return None
 
+    def pending_keys(self) -> list[str]:
+        return [key for key in self._retry + self._pending if key not in self.final]
+
     def pending_prompts(self) -> list[list[dict]]:
-        return [self.units[key][2] for key in self._retry + self._pending if key not in self.final]
+        return [self.units[key][2] for key in self.pending_keys()]
 
     def accept(self, key: str, reply: Reply) -> dict:
         entry = {"hash": key, "verdict": None, "reply": reply.text}
@@ -215,22 +239,42 @@ def run_judge(cfg: JudgeConfig) -> int:
     job = JudgeJob(pairs, cfg.judge_model, entries)
     totals = Totals()
     for entry in entries:
-        totals.add(entry)
+        if not entry.get("cached"):
+            totals.add(entry)
     requests_before = totals.requests
     judge = cfg.open_endpoint(cfg.judge_model, "chat", {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens})
-    log(f"judge {cfg.judge_model} at {judge.client.base_url}: {job.total} judgments (both orders), "
-        f"{job.done()} cached in {journal.path}")
+    in_journal = job.done()
+    cache = JudgmentCache(parse_verdict) if cfg.shared_cache else None
+    from_cache = _take_from_cache(job, cache, judge, journal) if cache else 0
+    log(f"judge {cfg.judge_model} at {judge.client.base_url}: {job.total} judgments (both orders), {in_journal} in "
+        f"{journal.path}" + (f", {from_cache} from the judgment cache {cache.path}" if cache else ""))
     stop_on_sigterm()
     started = time.monotonic()
     stop = run_requests(job, judge, journal, cfg.budget(), totals, "judge", desc="judging")
+    if cache:
+        cache.put_many(cfg.judge_model, {_cache_key(key, judge): j for key, j in job.new_verdicts().items()})
     usage = summary(job, totals, judge, stop, time.monotonic() - started, job.total)
     usage = {name: usage[name] for name in ("requests", "retries", "failed_request", "rejected_request",
                                             "malformed_reply", "empty_reply", "prompt_tokens", "completion_tokens",
                                             "cost_usd", "price_usd_per_million_tokens", "last_error")}
-    usage["requests_this_run"] = totals.requests - requests_before
+    usage.update(requests_this_run=totals.requests - requests_before, from_cache=from_cache)
     if stop == "endpoint_failing":
         log(f"stopped after {MAX_CONSECUTIVE_FAILURES} failed requests in a row; the last error: {totals.last_error}")
     return _finish(cfg, a, b, pairs, job.judgments(a.generator, b.generator), output_dir, cfg.judge_model, usage, stop)
+
+
+def _cache_key(key: str, judge: Endpoint) -> str:
+    return cache_key(key, str(judge.client.base_url), judge.sampling)
+
+
+def _take_from_cache(job: JudgeJob, cache: JudgmentCache, judge: Endpoint, journal: Journal) -> int:
+    """The judgments still to make that the user's cache holds, journaled as this run's; how many."""
+    keys = {_cache_key(key, judge): key for key in job.pending_keys()}
+    found = cache.get_many(list(keys))
+    entries = job.take_cached({keys[key]: judgment for key, judgment in found.items()})
+    for entry in entries:
+        journal.append(entry)
+    return len(entries)
 
 
 def _finish(cfg: JudgeConfig, a, b, pairs: list[Pair], judged: list[dict], output_dir: Path, judge: str,

@@ -3,7 +3,8 @@
 
 - ``self-instruct-252`` (the default): Self-Instruct's 252 user-oriented instructions, the set of
   Alpaca's blind comparison, downloaded once into the cache (or that file's local path). Each item's
-  instance input is used; ``motivation_app`` is its category.
+  instance input is used; ``motivation_app`` is its category, ``selfinstruct`` (AlpacaEval's name for
+  this subset) its dataset.
 - AlpacaEval's format: a JSON list with ``instruction``, ``output`` (the reference), ``generator`` and
   ``dataset`` (the category); inputs are already folded into the instruction.
 - Anything the training data loader reads in the Alpaca format (.json/.jsonl, URL, ``builtin:NAME``).
@@ -25,6 +26,7 @@ from alpaca_lora.data.loading import download, load_records
 SELF_INSTRUCT_HOME = "https://raw.githubusercontent.com/yizhongw/self-instruct/main/human_eval"
 NAMED_SETS = {"self-instruct-252": f"{SELF_INSTRUCT_HOME}/user_oriented_instructions.jsonl"}
 DEFAULT_SET = "self-instruct-252"
+SELF_INSTRUCT_SUBSET = "selfinstruct"  # AlpacaEval's name for these 252 instructions
 
 
 @dataclass
@@ -43,9 +45,17 @@ def item_key(instruction: str, input_text: str = "") -> str:
     return hashlib.sha256(" ".join(fold(instruction, input_text).split()).encode()).hexdigest()[:16]
 
 
-def make_item(item_id: str, instruction: str, input_text: str, category: str | None, reference: str | None) -> dict:
+def make_item(item_id: str, instruction: str, input_text: str, category: str | None, reference: str | None,
+              dataset: str | None = None) -> dict:
+    """One item; ``dataset`` is the set it belongs to as AlpacaEval names its subsets (``selfinstruct``, ...)."""
     return {"id": item_id, "key": item_key(instruction, input_text), "instruction": instruction, "input": input_text,
-            "category": category or None, "reference": reference if reference and reference.strip() else None}
+            "category": category or None, "reference": reference if reference and reference.strip() else None,
+            "dataset": dataset or None}
+
+
+def set_name(source: str) -> str:
+    """A set's short name for AlpacaEval's ``dataset``: ``builtin:skills`` is skills, ``org/alpaca.json`` alpaca."""
+    return Path(source.split(":")[-1].split("?")[0]).stem or "none"
 
 
 def read_json_records(path: Path, label: str) -> list[tuple[str, object]]:
@@ -118,19 +128,19 @@ def _self_instruct_item(record: object, where: str, label: str) -> dict:
     reference = text_field(instances[0], "output", where, label, required=False)
     item_id = text_field(record, "id", where, label, required=False) or where
     category = text_field(record, "motivation_app", where, label, required=False)
-    return make_item(item_id, instruction, input_text, category, reference)
+    return make_item(item_id, instruction, input_text, category, reference, SELF_INSTRUCT_SUBSET)
 
 
 def _alpaca_eval_item(record: object, where: str, label: str, number: int) -> dict:
     instruction = text_field(record, "instruction", where, label)
     reference = text_field(record, "output", where, label, required=False)
-    return make_item(str(number), instruction, "", text_field(record, "dataset", where, label, required=False),
-                     reference)
+    dataset = text_field(record, "dataset", where, label, required=False)
+    return make_item(str(number), instruction, "", dataset, reference, dataset)
 
 
 def _alpaca(source: str, label: str) -> EvalSet:
     data = load_records(source, need_output=False)
-    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"])
+    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"], set_name(source))
                     for i, r in enumerate(data.records)], label)
 
 
@@ -148,5 +158,5 @@ def _held_out(directory: str, spec: str | None) -> EvalSet:
                         "nothing was held out")
     data = load_records(trained["data"], trained.get("columns") or None)
     _, held = split_records(data.records, trained["val_set_size"], trained.get("seed", 42))
-    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"]) for i, r in enumerate(held)],
-                   f"{trained['data']} (held out by {directory})")
+    return EvalSet([make_item(str(i), r["instruction"], r["input"], None, r["output"], set_name(trained["data"]))
+                    for i, r in enumerate(held)], f"{trained['data']} (held out by {directory})")

@@ -48,6 +48,8 @@ class JudgeConfig(EndpointSettings):
     temperature: Optional[float] = key(0.0, "the judge's sampling temperature (MT-Bench: 0); null to leave it "
                                             "to the server")
     max_tokens: Optional[int] = key(2048, "completion token limit of a judgment; null for none")
+    shared_cache: bool = key(True, "reuse and keep judgments in the user's judgment cache (ALPACA_LORA_CACHE/judge), "
+                                   "across output directories; false: this output_dir's journal only")
     max_unparseable: float = key(0.1, "share of judgments that may end without a verdict (scored as ties); past "
                                       "it the run warns and exits with code 4")
 

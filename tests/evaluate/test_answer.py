@@ -240,3 +240,23 @@ def test_a_run_stopped_by_max_cost_exits_with_its_own_code_and_the_rerun_finishe
         assert 1 <= len(server.received) < 3
         assert main([*args, f"base_url={server.base_url}", "max_cost=10"]) == 0
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 3 == len(server.received)
+
+
+def test_the_alpaca_eval_form_names_the_subset_as_its_dataset(tmp_path, monkeypatch):
+    """Issue 21: AlpacaEval's ``dataset`` is the subset (``selfinstruct`` for these 252), not Self-Instruct's
+    ``motivation_app``, which stays our category."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    rows = [{"id": f"user_oriented_task_{i}", "motivation_app": app, "instruction": f"Do task {i}.",
+             "instances": [{"input": "", "output": "Done."}]} for i, app in enumerate(["Grammarly", "Netflix"])]
+    (tmp_path / "user_oriented_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "alpaca.json").write_text(json.dumps(RECORDS[:1]))
+    with ScriptedOpenAI(default=lambda body: Reply("Done.")) as server:
+        for name in ("user_oriented_instructions.jsonl", "alpaca.json"):
+            assert main(["answer", f"set={tmp_path / name}", "model=gpt-4o-mini", f"base_url={server.base_url}",
+                         f"output={tmp_path / 'out' / name.split('.')[0]}.jsonl"]) == 0
+    subsets = alpaca_eval_outputs(tmp_path / "out" / "user_oriented_instructions.alpaca_eval.json")
+    assert [row["dataset"] for row in subsets] == ["selfinstruct", "selfinstruct"]
+    assert [row["dataset"] for row in alpaca_eval_outputs(tmp_path / "out" / "alpaca.alpaca_eval.json")] == ["alpaca"]
+    ours = (tmp_path / "out" / "user_oriented_instructions.jsonl").read_text().splitlines()
+    ours = [json.loads(line) for line in ours]
+    assert [a["category"] for a in ours] == ["Grammarly", "Netflix"]

@@ -331,3 +331,76 @@ def test_the_cost_is_estimated_before_the_first_request_and_one_past_max_cost_is
         assert "the next request (about 50," in err and "not sent" in err
         assert judge(server, (a, b), tmp_path / "out", *prices) == 0
     assert len(server.received) == 6 and "estimated $30" in capsys.readouterr().err
+
+
+def judgment_cache() -> Path:
+    return Path(os.environ["ALPACA_LORA_CACHE"]) / "judge" / "judgments.sqlite"
+
+
+def test_judgments_are_shared_across_output_directories_and_the_swapped_pair_costs_nothing(answers, tmp_path):
+    """Issue 21: judging the same pairs into another output_dir cost 28 new requests for 12 pairs."""
+    a, b = answers
+    with ScriptedOpenAI(default=fair) as server:
+        assert judge(server, answers, tmp_path / "dir1") == 0
+        assert len(server.received) == 14
+        assert judge(server, answers, tmp_path / "dir2") == 0
+        assert judge(server, (b, a), tmp_path / "dir3") == 0  # B vs A: the same prompts, the other way round
+        assert len(server.received) == 14  # zero new requests
+        assert judge(server, answers, tmp_path / "dir4", "shared_cache=false") == 0
+        assert len(server.received) == 28  # without the shared cache: judged again
+    first, again, swapped = (read_outputs(tmp_path / d)[0] for d in ("dir1", "dir2", "dir3"))
+    tallies = ("wins_a", "wins_b", "ties")
+    assert [again[k] for k in tallies] == [first[k] for k in tallies] == [4, 1, 2]
+    assert [swapped[k] for k in tallies] == [1, 4, 2] and swapped["complete"]
+    assert again["usage"]["requests_this_run"] == 0 and again["usage"]["from_cache"] == 14
+    journal = [json.loads(line) for line in (tmp_path / "dir2" / "judge.journal.jsonl").read_text().splitlines()]
+    assert len(journal) == 14 and all(entry["cached"] and entry["verdict"] for entry in journal)  # the run's record
+    with ScriptedOpenAI(default=fair) as server:
+        assert judge(server, answers, tmp_path / "dir2") == 0  # its own journal suffices, the cache aside
+    assert server.received == []
+
+
+def test_a_corrupt_cache_entry_is_skipped_and_reported_and_a_corrupt_cache_file_set_aside(answers, tmp_path, capsys):
+    import sqlite3
+
+    with ScriptedOpenAI(default=fair) as server:
+        assert judge(server, answers, tmp_path / "dir1") == 0
+        with sqlite3.connect(judgment_cache()) as db:
+            key, reply = db.execute("SELECT key, reply FROM judgments WHERE verdict = 'A' LIMIT 1").fetchone()
+            db.execute("UPDATE judgments SET verdict = 'B', reply = ? WHERE key = ?", (reply.replace("[[A]]", "[[B]]"),
+                                                                                         key))
+        capsys.readouterr()
+        assert judge(server, answers, tmp_path / "dir2") == 0
+        assert len(server.received) == 15  # the tampered judgment alone was asked again
+        assert "1 cached judgment failed its check and was skipped" in capsys.readouterr().err
+        assert read_outputs(tmp_path / "dir2")[0]["wins_a"] == 4
+        judgment_cache().write_bytes(b"this is not a database" * 100)
+        assert judge(server, answers, tmp_path / "dir3") == 0
+        assert len(server.received) == 29
+        err = capsys.readouterr().err
+        assert "is not a readable judgment cache" in err and "set aside as" in err
+        assert list(judgment_cache().parent.glob("judgments.sqlite.corrupt-*"))
+        assert judge(server, answers, tmp_path / "dir4") == 0  # the new cache has them all again
+        assert len(server.received) == 29
+
+
+def test_two_judges_running_at_once_share_the_cache_safely(tmp_path):
+    """Two processes judging different pairs into one cache at the same time: nothing lost, nothing corrupt."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    runs = []
+    for name in ("x", "y"):
+        a = write_answers(tmp_path / f"{name}-a.jsonl", "model-a", [f"GOOD {name} {i}" for i in range(12)])
+        b = write_answers(tmp_path / f"{name}-b.jsonl", "model-b", [f"BAD {name} {i}" for i in range(12)])
+        runs.append((a, b))
+    with ScriptedOpenAI(default=fair) as server:
+        commands = [[sys.executable, "-m", "alpaca_lora.evaluate", "judge", f"a={a}", f"b={b}",
+                     "judge_model=gpt-4o-mini", f"base_url={server.base_url}", f"output_dir={tmp_path / str(i)}",
+                     "concurrency=4"] for i, (a, b) in enumerate(runs)]
+        processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                     for command in commands]
+        for process in processes:
+            assert process.wait(timeout=300) == 0, process.stderr.read()
+        assert len(server.received) == 48
+        for i, (a, b) in enumerate(runs):
+            assert judge(server, (a, b), tmp_path / f"again{i}") == 0
+        assert len(server.received) == 48
