@@ -1,8 +1,9 @@
-"""The keys of ``alpaca-lora evaluate answer|judge``, checked before any work."""
+"""The keys of ``alpaca-lora evaluate answer|judge|harness``, checked before any work."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from alpaca_lora.common.settings import build, check, command_line, key
@@ -86,4 +87,46 @@ def load_judge_config(argv: list[str]) -> JudgeConfig:
         (cfg.max_tokens is None or cfg.max_tokens >= 1, "max_tokens", "must be at least 1"),
         (0 <= cfg.max_unparseable <= 1, "max_unparseable", "must be a share between 0 and 1"),
     ])
+    return cfg
+
+
+@dataclass
+class HarnessConfig(InferenceModel):
+    tasks: Optional[str] = key(None, "lm-evaluation-harness tasks, comma-separated: names (arc_easy,hellaswag; "
+                                     "`lm_eval ls tasks` lists them), task YAML files, or directories of them")
+    limit: Optional[float] = key(None, "at most N documents per task (below 1: that share of each); for a quick "
+                                       "look, not for numbers to report")
+    num_fewshot: Optional[int] = key(None, "examples in each prompt (default: each task's own)")
+    batch_size: int = key(8, "requests lm-eval scores or generates together (a number: its 'auto' probes for "
+                             "running out of GPU memory)")
+    compare_base: bool = key(False, "also evaluate the base with the adapter disabled (the same loaded model): "
+                                    "what fine-tuning changed")
+    chat_template: Optional[bool] = key(None, "wrap each task prompt in the tokenizer's chat template (an adapter's "
+                                              "is its training template), as lm-eval's --apply_chat_template; "
+                                              "default: when the tokenizer has one")
+    output_dir: Optional[str] = key(None, "report.json, report.md and samples_RUN.jsonl (default "
+                                          "outputs/evaluate/harness/NAME)")
+
+    def task_entries(self) -> list[str]:
+        return [entry.strip() for entry in (self.tasks or "").split(",") if entry.strip()]
+
+
+def looks_like_path(entry: str) -> bool:
+    """A task entry that names a file or directory rather than a registered task."""
+    return "/" in entry or entry.endswith((".yaml", ".yml")) or Path(entry).expanduser().exists()
+
+
+def load_harness_config(argv: list[str]) -> HarnessConfig:
+    """An adapter's saved model section first (its base, bits and template), as ``generate`` reads it."""
+    cfg: HarnessConfig = load_inference_settings(HarnessConfig, argv, f"{TOOL} harness")
+    missing = [e for e in cfg.task_entries() if looks_like_path(e) and not Path(e).expanduser().exists()]
+    check([
+        (bool(cfg.task_entries()), "tasks", "must be set (task names, YAML files or directories, comma-separated)"),
+        (bool(cfg.model), "model", "must be set (a local model or hub id), or adapter="),
+        (cfg.limit is None or cfg.limit > 0, "limit", "must be positive"),
+        (cfg.num_fewshot is None or cfg.num_fewshot >= 0, "num_fewshot", "must be 0 or more"),
+        (cfg.batch_size >= 1, "batch_size", "must be at least 1"),
+        (not cfg.compare_base or bool(cfg.adapter), "compare_base", "needs adapter= (the base is the adapter's, "
+                                                                    "disabled in the same loaded model)"),
+    ] + [(False, "tasks", f": {entry}: no such file or directory") for entry in missing])
     return cfg
