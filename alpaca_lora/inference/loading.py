@@ -4,6 +4,7 @@ generation engine (``LoadedModel.engine``)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,21 @@ def load_inference_settings(schema: type, argv: list[str], tool: str):
     adapter, model = peek(argv, "adapter"), peek(argv, "model")
     directory = adapter or model
     saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
-    settings = build(schema, [_UNQUANTIZED, *([saved] if saved else []), command_line(argv, schema)], tool)
+    named = _adapter_base(adapter) if adapter and not (saved and saved.values.get("model")) else None
+    settings = build(schema, [_UNQUANTIZED, *filter(None, [named, saved]), command_line(argv, schema)], tool)
     check(model_checks(settings))
     return settings
+
+
+def _adapter_base(adapter: str) -> Layer | None:
+    """The base an adapter's ``adapter_config.json`` names (as the user named it when training: a hub id, a
+    ``package:`` spec), for an adapter shared without its ``training_config.yaml``."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable file: load_for_inference names the problem
+    return Layer(str(path), {"model": base}) if isinstance(base, str) and base else None
 
 
 def inference_settings(schema: type = InferenceModel, **values):

@@ -218,6 +218,7 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
             metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
         else:
             metrics["adapter_parameters"] = check_adapter(output_dir)
+            _name_base_as_given(output_dir / "adapter_config.json", cfg.model)
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
         if before is not None:
@@ -226,6 +227,15 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
             f"adapter: {output_dir / 'adapter_model.safetensors'}"
         logger.info(f"{weights}; loss curve: {output_dir / 'loss.png'}; metrics: {output_dir / 'metrics.json'}")
     return TrainResult(output_dir, metrics, trainer)
+
+
+def _name_base_as_given(path: Path, model: str) -> None:
+    """The adapter names its base as the user did (a hub id, ``package:...``), not as the path it resolved to on
+    this machine (a cache or site-packages directory), so the adapter directory loads wherever it is copied."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") != model:
+        config["base_model_name_or_path"] = model
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # as peft writes it
 
 
 def _exact_match(model, data: PreparedData, records: list[dict], label: str):
