@@ -26,9 +26,10 @@ def run_report(cfg) -> int:
 
 COMMANDS = {
     "": Subcommand(settings.ArenaConfig, settings.load_arena_config,
-                   "a=ANSWERS b=ANSWERS [db=arena.sqlite] [port=7861] [share=true] [auth_env=NAME]", run_arena),
+                   "a=ANSWERS b=ANSWERS [db=outputs/arena/arena.sqlite] [port=7861] [share=true] [auth_env=NAME]",
+                   run_arena),
     "report": Subcommand(settings.ArenaReportConfig, settings.load_arena_report_config,
-                         "db=FILE [judgments=FILE] [output_dir=DIR]", run_report),
+                         "[db=outputs/arena/arena.sqlite] [judgments=FILE] [output_dir=DIR]", run_report),
 }
 
 

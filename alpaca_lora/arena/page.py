@@ -1,4 +1,4 @@
-"""``arena a=FILE b=FILE [db=arena.sqlite] [port=7861]``: blind human evaluation in the browser.
+"""``arena a=FILE b=FILE [db=outputs/arena/arena.sqlite] [port=7861]``: blind human evaluation in the browser.
 
 Each voter sees an instruction (and its input) and the two answers in random order, labelled only
 "Response 1" and "Response 2", votes, and gets the next item. Which answer came from which file never
@@ -7,13 +7,16 @@ stands for in SQLite.
 
 SQLite in WAL mode, one transaction per vote: restarting the arena loses nothing, voters voting at
 once lose nothing, a voter never gets an item they already voted on, and several arenas (other a/b
-pairs) can share one database. Binds 127.0.0.1; ``share=true`` and basic auth are opt-in.
+pairs) can share one database. An arena is two answer files' names with their very answers (a content
+hash of each side, recorded with the arena): editing an answers file in place makes a new arena, so
+votes on answers that are no longer the file's are never pooled with votes on the new ones. Binds
+127.0.0.1; ``share=true`` and basic auth are opt-in.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import random
 import secrets
 import sqlite3
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alpaca_lora.common.errors import ConfigError
+from alpaca_lora.common.auth import basic_auth
+from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.evaluate.answers import Answers, Pair
 from alpaca_lora.evaluate.report import tally
@@ -34,7 +38,7 @@ VOTER_STORAGE = ("alpaca_lora_arena_voter", "alpaca-lora-arena")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS arenas (id INTEGER PRIMARY KEY, a TEXT NOT NULL, b TEXT NOT NULL, a_file TEXT,
-    b_file TEXT, created TEXT NOT NULL, UNIQUE (a, b));
+    b_file TEXT, created TEXT NOT NULL, answers_a TEXT, answers_b TEXT, UNIQUE (a, b, answers_a, answers_b));
 CREATE TABLE IF NOT EXISTS items (arena INTEGER NOT NULL, item TEXT NOT NULL, key TEXT NOT NULL, id TEXT,
     category TEXT, instruction TEXT NOT NULL, input TEXT NOT NULL, output_a TEXT NOT NULL, output_b TEXT NOT NULL,
     PRIMARY KEY (arena, item));
@@ -43,6 +47,16 @@ CREATE TABLE IF NOT EXISTS shown (ticket TEXT PRIMARY KEY, arena INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS votes (id INTEGER PRIMARY KEY, arena INTEGER NOT NULL, item TEXT NOT NULL,
     voter TEXT NOT NULL, first TEXT NOT NULL, choice TEXT NOT NULL, winner TEXT NOT NULL, time TEXT NOT NULL,
     UNIQUE (arena, item, voter));
+"""
+# A database written before answer sets were recorded: an arena was its two names alone (UNIQUE (a, b)), so votes
+# on answers edited in place were pooled. Its arenas keep their votes, with no answer set (reported as such).
+MIGRATION = """
+CREATE TABLE arenas_with_answers (id INTEGER PRIMARY KEY, a TEXT NOT NULL, b TEXT NOT NULL, a_file TEXT,
+    b_file TEXT, created TEXT NOT NULL, answers_a TEXT, answers_b TEXT, UNIQUE (a, b, answers_a, answers_b));
+INSERT INTO arenas_with_answers (id, a, b, a_file, b_file, created) SELECT id, a, b, a_file, b_file, created
+    FROM arenas;
+DROP TABLE arenas;
+ALTER TABLE arenas_with_answers RENAME TO arenas;
 """
 
 
@@ -53,6 +67,24 @@ def now() -> str:
 def item_id(key: str, output_a: str, output_b: str) -> str:
     """An item of an arena is an instruction with these two very answers: a changed answer is a new item."""
     return hashlib.sha256("\n".join([key, output_a, output_b]).encode()).hexdigest()[:16]
+
+
+def answer_set(pairs: list[Pair], side: str) -> str:
+    """The content hash of one side's answers to the arena's items: an arena is two names with these very answer
+    sets, so a file edited in place makes a new arena whose votes are never pooled with the old ones."""
+    answers = sorted((pair.key, pair.output_a if side == "a" else pair.output_b) for pair in pairs)
+    return hashlib.sha256(json.dumps(answers, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def one_line_errors(path: Path):
+    """SQLite's errors (a corrupt file, a read-only one, a full disk) as one line naming the database."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        hint = {"file is not a database": "not an arena database (or a damaged one)",
+                "attempt to write a readonly database": "read-only: votes cannot be recorded there"}
+        raise DataError(f"{path}: {hint.get(str(exc), str(exc))} (sqlite3: {exc})") from None
 
 
 def winner_of(choice: str, first: str) -> str:
@@ -70,8 +102,10 @@ class ArenaStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as db:
+        with one_line_errors(self.path), self.connect() as db:
             db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
+            if "answers_a" not in {row[1] for row in db.execute("PRAGMA table_info(arenas)")}:
+                db.executescript(f"BEGIN IMMEDIATE; {MIGRATION} COMMIT;")
 
     @contextmanager
     def connect(self):
@@ -96,12 +130,13 @@ class ArenaStore:
             db.execute("COMMIT")
 
     def open_arena(self, a: Answers, b: Answers, pairs: list[Pair]) -> Arena:
-        """The arena of generators a and b (made on first use), with these pairs as its items."""
-        with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO arenas (a, b, a_file, b_file, created) VALUES (?, ?, ?, ?, ?)",
-                       (a.generator, b.generator, a.source, b.source, now()))
-            arena_id = db.execute("SELECT id FROM arenas WHERE a = ? AND b = ?",
-                                  (a.generator, b.generator)).fetchone()[0]
+        """The arena of generators a and b with these very answers (made on first use), these pairs its items."""
+        answers = (answer_set(pairs, "a"), answer_set(pairs, "b"))
+        with one_line_errors(self.path), self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO arenas (a, b, a_file, b_file, created, answers_a, answers_b) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (a.generator, b.generator, a.source, b.source, now(), *answers))
+            arena_id = db.execute("SELECT id FROM arenas WHERE a = ? AND b = ? AND answers_a = ? AND answers_b = ?",
+                                  (a.generator, b.generator, *answers)).fetchone()[0]
             items = []
             for pair in pairs:
                 item = item_id(pair.key, pair.output_a, pair.output_b)
@@ -113,16 +148,16 @@ class ArenaStore:
 
     def votes(self, arena: int | None = None) -> list[dict]:
         """Every vote (of one arena, or all) with its item and the arena's generators."""
-        query = ("SELECT v.id, v.arena, r.a, r.b, v.voter, v.item, i.key, i.id AS item_id, i.category, i.instruction, "
-                 "i.input, v.first, v.choice, v.winner, v.time FROM votes v JOIN arenas r ON r.id = v.arena "
-                 "JOIN items i ON i.arena = v.arena AND i.item = v.item")
-        with self.connect() as db:
+        query = ("SELECT v.id, v.arena, r.a, r.b, r.answers_a, r.answers_b, v.voter, v.item, i.key, i.id AS item_id, "
+                 "i.category, i.instruction, i.input, v.first, v.choice, v.winner, v.time FROM votes v JOIN arenas r "
+                 "ON r.id = v.arena JOIN items i ON i.arena = v.arena AND i.item = v.item")
+        with one_line_errors(self.path), self.connect() as db:
             rows = db.execute(query + (" WHERE v.arena = ?" if arena is not None else "") + " ORDER BY v.id",
                               (arena,) if arena is not None else ()).fetchall()
         return [dict(row) for row in rows]
 
     def arenas(self) -> list[dict]:
-        with self.connect() as db:
+        with one_line_errors(self.path), self.connect() as db:
             return [dict(row) for row in db.execute("SELECT * FROM arenas ORDER BY id").fetchall()]
 
 
@@ -139,6 +174,12 @@ class Arena:
     def __init__(self, store: ArenaStore, arena_id: int, items: list[str]):
         self.store, self.id, self.items = store, arena_id, items
         self.random = random.Random()
+
+    def progress(self, voter: str, done: bool = False) -> str:
+        """The voter's line above the item: how many voted, or thanks when none is left."""
+        if done:
+            return f"**{voter}**: you have voted on all {len(self.items)} items. Thank you!"
+        return f"**{voter}**: {self.voted_by(voter)} of {len(self.items)} items voted."
 
     def voted_by(self, voter: str) -> int:
         with self.store.connect() as db:
@@ -197,21 +238,15 @@ class Arena:
 def build_arena_page(arena: Arena):
     import gradio as gr
 
-    def status(voter: str, done: bool = False) -> str:
-        voted = arena.voted_by(voter)
-        if done:
-            return f"**{voter}**: you have voted on all {len(arena.items)} items. Thank you!"
-        return f"**{voter}**: {voted} of {len(arena.items)} items voted."
-
     def show(voter: str):
         voter = (voter or "").strip()
         if not voter:
             return ["", "", "", "", "", "Enter your name and press **Start**."] + [gr.update(interactive=False)] * 4
         shown = arena.next_item(voter)
         if shown is None:
-            return ["", "", "", "", "", status(voter, done=True)] + [gr.update(interactive=False)] * 4
+            return ["", "", "", "", "", arena.progress(voter, done=True)] + [gr.update(interactive=False)] * 4
         return [shown.ticket, shown.instruction, shown.input or "(none)", shown.first, shown.second,
-                status(voter)] + [gr.update(interactive=True)] * 4
+                arena.progress(voter)] + [gr.update(interactive=True)] * 4
 
     def start(voter: str):
         return [(voter or "").strip()] + show(voter)
@@ -259,26 +294,24 @@ def build_arena_page(arena: Arena):
     return page
 
 
-def basic_auth(auth_env: str | None) -> tuple[str, str] | None:
-    if not auth_env:
-        return None
-    user, _, password = os.environ.get(auth_env, "").partition(":")
-    if not user or not password:
-        raise ConfigError(f"key 'auth_env': {auth_env} must hold user:password")
-    return user, password
-
-
 def run_arena(cfg) -> int:
     from alpaca_lora.evaluate.answers import load_answers, pair_answers
 
     auth = basic_auth(cfg.auth_env)
     a, b = load_answers(cfg.a), load_answers(cfg.b)
     pairs, unmatched = pair_answers(a, b)
-    arena = ArenaStore(cfg.db).open_arena(a, b, pairs)
+    store = ArenaStore(cfg.db)
+    arena = store.open_arena(a, b, pairs)
     page = build_arena_page(arena)
-    get_logger(__name__).info(f"arena: {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters)"
-          + (f", {unmatched} answered by one side only left out" if unmatched else "")
-          + f"; votes in {cfg.db}; http://{cfg.host}:{cfg.port}/")
+    log = get_logger(__name__).info
+    log(f"arena {arena.id}: {len(pairs)} items ({a.generator} vs {b.generator}, hidden from voters)"
+        + (f", {unmatched} answered by one side only left out" if unmatched else "")
+        + f"; votes in {cfg.db}; http://{cfg.host}:{cfg.port}/")
+    earlier = [r["id"] for r in store.arenas() if (r["a"], r["b"]) == (a.generator, b.generator)
+               and r["id"] != arena.id]
+    if earlier:
+        log(f"the same names with other answers: arena {', '.join(map(str, earlier))} (the files changed since); "
+            "their votes are kept and reported apart")
     page.queue(default_concurrency_limit=8).launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
                                                    auth=auth)
     return 0

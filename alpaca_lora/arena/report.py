@@ -1,10 +1,12 @@
-"""``arena report db=FILE [judgments=FILE]``: the arena's votes in the judge's form, and how far people agree.
+"""``arena report [db=FILE] [judgments=FILE]``: the arena's votes in the judge's form, and how far people agree.
 
 Per arena in the database: wins, losses and ties ("Both are bad" counts as a tie, and is counted apart),
 the win rate of A with a bootstrap 95% interval, per category, the position bias (the share of
 decisive votes that went to Response 1: 50% is none), agreement between voters on the items several
 voted on (percent and Cohen's kappa per pair of voters, and overall weighted by shared items), and
 with ``judgments=`` the agreement between the voters and a judge. Every vote also goes to a CSV file.
+An arena is its two generators with their very answers: the same names with answers edited in place are
+another arena, reported apart and said to be so.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.evaluate.report import build_report, format_report, write_report
 from alpaca_lora.evaluate.sets import read_json_records
 
-CSV_FIELDS = ("arena", "a", "b", "voter", "item_id", "key", "category", "instruction", "input", "first", "choice",
-              "winner", "time")
+CSV_FIELDS = ("arena", "a", "b", "answers_a", "answers_b", "voter", "item_id", "key", "category", "instruction",
+              "input", "first", "choice", "winner", "time")
 
 
 def outcome(vote: dict) -> str:
@@ -96,7 +98,8 @@ def arena_report(arena: dict, votes: list[dict], judgments: list[dict] | None) -
                           with_position=False)
     decisive = [v for v in votes if v["choice"] in ("1", "2")]
     first = sum(v["choice"] == "1" for v in decisive)
-    report.update(arena=arena["id"], a_file=arena["a_file"], b_file=arena["b_file"], votes=len(votes), voters=voters,
+    report.update(arena=arena["id"], a_file=arena["a_file"], b_file=arena["b_file"], answers_a=arena["answers_a"],
+                  answers_b=arena["answers_b"], votes=len(votes), voters=voters,
                   items_voted=len({v["item"] for v in votes}), both_bad=sum(v["winner"] == "bad" for v in votes),
                   position_bias={"rate": round(first / len(decisive), 4) if decisive else None,
                                  "response_1_chosen": first, "response_2_chosen": len(decisive) - first},
@@ -106,9 +109,23 @@ def arena_report(arena: dict, votes: list[dict], judgments: list[dict] | None) -
     return report
 
 
-def format_arena_report(report: dict) -> str:
+def answers_line(report: dict, others: list[dict]) -> str:
+    """Which answers these votes are about, and how they differ from other arenas of the same two names."""
+    if report["answers_a"] is None:
+        line = "answers: not recorded (votes cast before alpaca-lora recorded answer sets)"
+    else:
+        line = f"answers: {report['a']} {report['answers_a']}, {report['b']} {report['answers_b']}"
+    for other in others:
+        changed = [report[side] for side in ("a", "b") if other[f"answers_{side}"] != report[f"answers_{side}"]]
+        line += (f"; {' and '.join(changed)}'s answers differ from arena {other['id']}'s: reported apart, never "
+                 "pooled")
+    return line
+
+
+def format_arena_report(report: dict, others: list[dict] = ()) -> str:
     lines = [f"arena {report['arena']}: {report['votes']} votes from {len(report['voters'])} voters on "
              f"{report['items_voted']} items ({report['both_bad']} 'both are bad', counted as ties)",
+             answers_line(report, list(others)),
              format_report(report).replace(f": {report['pairs']} pairs", f": {report['pairs']} votes")]
     bias = report["position_bias"]
     if bias["rate"] is not None:
@@ -142,13 +159,16 @@ def run_arena_report(cfg) -> int:
     output_dir = Path(cfg.output_dir or Path(cfg.db).with_name(Path(cfg.db).stem + "-report"))
     judgments = load_judgments(cfg.judgments) if cfg.judgments else None
     reports = []
-    for arena in store.arenas():
+    arenas = store.arenas()
+    for arena in arenas:
         votes = store.votes(arena["id"])
         if not votes:
             continue
         report = arena_report(arena, votes, judgments)
         write_report(report, output_dir, name=f"arena_{arena['id']}")
-        print(format_arena_report(report) + "\n", flush=True)
+        others = [other for other in arenas if (other["a"], other["b"]) == (arena["a"], arena["b"])
+                  and other["id"] < arena["id"]]
+        print(format_arena_report(report, others) + "\n", flush=True)
         reports.append(report)
     every_vote = store.votes()
     atomic_write_text(output_dir / "votes.csv", votes_csv(every_vote))

@@ -9,13 +9,14 @@ from typing import Optional
 from alpaca_lora.common.settings import build, check, command_line, key
 
 ARENA = "arena"
+DB = "outputs/arena/arena.sqlite"  # under outputs/, like every stage's outputs
 
 
 @dataclass
 class ArenaConfig:
     a: Optional[str] = key(None, "answers A (as judge takes them)")
     b: Optional[str] = key(None, "answers B")
-    db: str = key("arena.sqlite", "SQLite database of the votes; several arenas may share one")
+    db: str = key(DB, "SQLite database of the votes; several arenas may share one")
     host: str = key("127.0.0.1", "interface to bind (0.0.0.0 exposes the page to the network)")
     port: int = key(7861, "port")
     share: bool = key(False, "also publish a temporary public gradio.live link")
@@ -24,10 +25,10 @@ class ArenaConfig:
 
 @dataclass
 class ArenaReportConfig:
-    db: Optional[str] = key(None, "the arena's SQLite database")
+    db: str = key(DB, "the arena's SQLite database")
     judgments: Optional[str] = key(None, "a judge's judgments.jsonl: agreement between the voters and the judge")
     output_dir: Optional[str] = key(None, "where arena_report.json, the PNG and votes.csv go (default: DB-report "
-                                          "beside the database)")
+                                          "beside the database: outputs/arena/arena-report)")
 
 
 def load_arena_config(argv: list[str]) -> ArenaConfig:

@@ -168,3 +168,131 @@ def test_bad_arena_arguments_are_one_line_each_before_anything_starts(arguments,
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and message in err
     assert all(line.startswith("error: ") for line in err.splitlines())  # every problem, a line each
+
+
+def test_votes_on_answers_edited_in_place_are_reported_apart_never_pooled(tmp_path, files, capsys):
+    """Issue 22: 40 votes, then b.jsonl edited in place and the arena restarted, 3 more votes: the Results tab said
+    3, ``arena report`` said 43 under "a vs b". Each answer set is its own arena now, reported apart."""
+    db = tmp_path / "arena.sqlite"
+    before = open_arena(db, files)
+    for _ in range(4):
+        vote_for(before, "ann", "a")
+    answers_file(files["beta"], "beta", "stormy")  # the same file, its answers rewritten
+    after = open_arena(db, files)
+    assert after.id != before.id
+    assert after.next_item("ann") is not None  # the new answers are new to ann too
+    for _ in range(2):
+        vote_for(after, "bob", "b")
+    assert after.results_markdown().startswith("**2 votes**") and before.results_markdown().startswith("**4 votes**")
+    capsys.readouterr()
+    assert main(["report", f"db={db}", f"output_dir={tmp_path / 'report'}"]) == 0
+    reports = json.loads((tmp_path / "report" / "arena_report.json").read_text())
+    assert [(r["a"], r["b"], r["votes"], r["wins_a"], r["wins_b"]) for r in reports] == \
+        [("alpha", "beta", 4, 4, 0), ("alpha", "beta", 2, 0, 2)]
+    assert reports[0]["answers_a"] == reports[1]["answers_a"] and reports[0]["answers_b"] != reports[1]["answers_b"]
+    printed = capsys.readouterr().out
+    assert f"beta's answers differ from arena {before.id}'s: reported apart" in printed
+    with open(tmp_path / "report" / "votes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({row["answers_b"] for row in rows}) == 2 and len(rows) == 6
+
+
+OLD_SCHEMA = """
+CREATE TABLE arenas (id INTEGER PRIMARY KEY, a TEXT NOT NULL, b TEXT NOT NULL, a_file TEXT, b_file TEXT,
+    created TEXT NOT NULL, UNIQUE (a, b));
+CREATE TABLE items (arena INTEGER NOT NULL, item TEXT NOT NULL, key TEXT NOT NULL, id TEXT, category TEXT,
+    instruction TEXT NOT NULL, input TEXT NOT NULL, output_a TEXT NOT NULL, output_b TEXT NOT NULL,
+    PRIMARY KEY (arena, item));
+CREATE TABLE shown (ticket TEXT PRIMARY KEY, arena INTEGER NOT NULL, item TEXT NOT NULL, voter TEXT NOT NULL,
+    first TEXT NOT NULL, time TEXT NOT NULL);
+CREATE TABLE votes (id INTEGER PRIMARY KEY, arena INTEGER NOT NULL, item TEXT NOT NULL, voter TEXT NOT NULL,
+    first TEXT NOT NULL, choice TEXT NOT NULL, winner TEXT NOT NULL, time TEXT NOT NULL, UNIQUE (arena, item, voter));
+"""
+
+
+def test_a_database_from_before_answer_sets_were_recorded_keeps_its_votes_apart(tmp_path, files):
+    from alpaca_lora.arena.page import item_id
+
+    db = tmp_path / "arena.sqlite"
+    with sqlite3.connect(db) as old:
+        old.executescript(OLD_SCHEMA)
+        old.execute("INSERT INTO arenas VALUES (1, 'alpha', 'beta', 'a.jsonl', 'b.jsonl', '2025-01-01')")
+        old.execute("INSERT INTO items VALUES (1, ?, 'k', '0', NULL, 'Q?', '', 'x', 'y')", (item_id("k", "x", "y"),))
+        old.execute("INSERT INTO votes VALUES (1, 1, ?, 'ann', 'a', '1', 'a', '2025-01-01')", (item_id("k", "x", "y"),))
+    arena = open_arena(db, files)
+    vote_for(arena, "ann", "b")
+    assert main(["report", f"db={db}", f"output_dir={tmp_path / 'report'}"]) == 0
+    reports = json.loads((tmp_path / "report" / "arena_report.json").read_text())
+    assert [(r["arena"], r["votes"], r["answers_b"]) for r in reports] == [(1, 1, None), (arena.id, 1, reports[1]
+                                                                                            ["answers_b"])]
+    assert reports[1]["answers_b"] and arena.id != 1
+
+
+def test_the_defaults_write_under_outputs_not_into_the_current_directory(tmp_path, files, monkeypatch):
+    """Issue 22: ``arena`` and ``arena report`` wrote arena.sqlite and arena-report/ into the repository root."""
+    from alpaca_lora.arena.settings import load_arena_config
+
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_arena_config([f"a={files['alpha']}", f"b={files['beta']}"])
+    assert cfg.db == "outputs/arena/arena.sqlite"
+    vote_for(open_arena(cfg.db, files), "ann", "a")
+    assert main(["report"]) == 0
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and "-wal" not in p.name
+                  and "-shm" not in p.name) == ["outputs/arena/arena-report/arena_1.json",
+                                                "outputs/arena/arena-report/arena_1.png",
+                                                "outputs/arena/arena-report/arena_report.json",
+                                                "outputs/arena/arena-report/votes.csv", "outputs/arena/arena.sqlite"]
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)``: the file can no longer be written, even by root (which ignores permissions: an immutable
+    file then); undone at the end. Skips where neither is possible."""
+    import os
+    import subprocess
+
+    made = []
+
+    def make(path):
+        if os.geteuid() == 0:
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+                pytest.skip("root, and chattr +i is not possible here: a read-only file cannot be made")
+        else:
+            path.chmod(0o444)
+        made.append(path)
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)])
+        else:
+            path.chmod(0o644)
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "read-only"])
+def test_a_corrupt_or_read_only_database_is_one_line_not_a_traceback(tmp_path, files, fault, read_only):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    db = tmp_path / "arena.sqlite"
+    if fault == "corrupt":
+        db.write_bytes(b"not a database at all " * 200)
+    else:
+        open_arena(db, files, "alpha", "gamma")  # a database with another arena in it
+        read_only(db)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    arena = subprocess.run([sys.executable, "-m", "alpaca_lora.arena", f"a={files['alpha']}", f"b={files['beta']}",
+                            f"db={db}", "port=1"], env=env, capture_output=True, text=True, timeout=120)
+    assert arena.returncode == 2 and len(arena.stderr.strip().splitlines()) == 1, arena.stderr
+    assert arena.stderr.startswith(f"error: {db}: ") and "Traceback" not in arena.stderr
+    report = subprocess.run([sys.executable, "-m", "alpaca_lora.arena", "report", f"db={db}",
+                             f"output_dir={tmp_path / 'report'}"], env=env, capture_output=True, text=True, timeout=120)
+    if fault == "corrupt":
+        assert report.returncode == 2 and report.stderr.startswith(f"error: {db}: "), report.stderr
+        assert len(report.stderr.strip().splitlines()) == 1
+    else:
+        assert report.returncode == 0, report.stderr  # reading a read-only database is fine
