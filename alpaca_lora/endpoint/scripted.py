@@ -32,6 +32,73 @@ class Fault:
     body: str | None = None
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """One HTTP request to the scripted server (``scripted``, set on a subclass per server)."""
+
+    protocol_version = "HTTP/1.1"
+    scripted: ScriptedOpenAI
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.scripted
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server._lock:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            server.received.append({"path": self.path, "body": body, "headers": headers, "time": time.monotonic()})
+            action = server.script.pop(0) if server.script else None
+        if action is None:
+            action = server.default(body)
+        if isinstance(action, Fault):
+            return self._fault(action)
+        time.sleep(action.delay)
+        self._answer(body, action)
+
+    def _fault(self, fault: Fault):
+        if fault.drop:
+            self.close_connection = True
+            return
+        if fault.stall:
+            time.sleep(fault.stall)
+        if fault.body is not None:
+            return self._send(200, fault.body.encode())
+        headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+        error = {"error": {"message": f"scripted {fault.status}", "type": "test", "code": None}}
+        self._send(fault.status or 500, json.dumps(error).encode(), headers)
+
+    def _answer(self, body: dict, reply: Reply):
+        server = self.scripted
+        prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        usage = {"prompt_tokens": server.count_tokens(prompt), "completion_tokens": server.count_tokens(reply.text)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        with server._lock:
+            for name in ("prompt_tokens", "completion_tokens"):
+                server.usage[name] += usage[name]
+        if "messages" in body:
+            choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
+                      "finish_reason": reply.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        response = {"id": "x", "object": obj, "created": 0, "model": body["model"], "choices": [choice],
+                    "usage": usage}
+        self._send(200, json.dumps(response).encode())
+
+    def _send(self, status: int, payload: bytes, headers: dict | None = None):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a stalled reply past its timeout)
+
+
 class ScriptedOpenAI:
     def __init__(self, default: Callable[[dict], Reply] | None = None, script: list | None = None,
                  count_tokens: Callable[[str], int] = lambda text: len(text.split())):
@@ -41,72 +108,8 @@ class ScriptedOpenAI:
         self.received: list[dict] = []  # {"path", "body", "headers", "time"}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}  # of the replies actually sent
         self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server._lock:
-                    headers = {k.lower(): v for k, v in self.headers.items()}
-                    server.received.append({"path": self.path, "body": body, "headers": headers,
-                                            "time": time.monotonic()})
-                    action = server.script.pop(0) if server.script else None
-                if action is None:
-                    action = server.default(body)
-                if isinstance(action, Fault):
-                    return self._fault(action)
-                time.sleep(action.delay)
-                self._answer(body, action)
-
-            def _fault(self, fault: Fault):
-                if fault.drop:
-                    self.close_connection = True
-                    return
-                if fault.stall:
-                    time.sleep(fault.stall)
-                if fault.body is not None:
-                    return self._send(200, fault.body.encode())
-                headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-                error = {"error": {"message": f"scripted {fault.status}", "type": "test", "code": None}}
-                self._send(fault.status or 500, json.dumps(error).encode(), headers)
-
-            def _answer(self, body: dict, reply: Reply):
-                prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-                usage = {"prompt_tokens": server.count_tokens(prompt),
-                         "completion_tokens": server.count_tokens(reply.text)}
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                with server._lock:
-                    for name in ("prompt_tokens", "completion_tokens"):
-                        server.usage[name] += usage[name]
-                if "messages" in body:
-                    choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
-                              "finish_reason": reply.finish_reason}
-                    obj = "chat.completion"
-                else:
-                    choice = {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}
-                    obj = "text_completion"
-                response = {"id": "x", "object": obj, "created": 0, "model": body["model"],
-                            "choices": [choice], "usage": usage}
-                self._send(200, json.dumps(response).encode())
-
-            def _send(self, status: int, payload: bytes, headers: dict | None = None):
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    for name, value in (headers or {}).items():
-                        self.send_header(name, value)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a stalled reply past its timeout)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        handler = type("Handler", (_Handler,), {"scripted": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
