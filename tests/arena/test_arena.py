@@ -164,7 +164,7 @@ def test_arena_report_tallies_agreement_judge_and_csv(tmp_path, files, capsys):
 def test_bad_arena_arguments_are_one_line_each_before_anything_starts(arguments, message, capsys, monkeypatch):
     monkeypatch.delenv("ARENA_TEST_UNSET", raising=False)
     with pytest.raises(SystemExit) as stopped:
-        main([*arguments])
+        main(arguments)
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and message in err
     assert all(line.startswith("error: ") for line in err.splitlines())  # every problem, a line each
