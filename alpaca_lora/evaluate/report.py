@@ -86,6 +86,9 @@ def format_report(report: dict) -> str:
     if bias and bias.get("rate") is not None and "first_both_times" in bias:
         lines.append(f"position bias: {_percent(bias['rate'])} of pairs got the same position in both orders "
                      f"(first {bias['first_both_times']}, second {bias['second_both_times']})")
+    missing = report.get("no_verdict")
+    if missing and missing["judgments"]:
+        lines.append(f"no verdict: {missing['judgments']} of {missing['of']} judgments (counted as ties)")
     usage = report.get("usage")
     if usage:
         cost = "" if usage.get("cost_usd") is None else f", ${usage['cost_usd']:,.4f}"

@@ -311,8 +311,9 @@ def test_a_judge_that_never_gives_a_verdict_says_so_loudly_and_exits_non_zero(an
     report, judgments = read_outputs(tmp_path / "out")
     assert len(server.received) == 28 and report["ties"] == 7  # every judgment asked twice, then a tie
     assert report["no_verdict"] == {"judgments": 14, "of": 14, "share": 1.0, "max_unparseable": 0.1}
-    err = capsys.readouterr().err
-    assert "warning: 14 of 14 judgments (100.0%) got no verdict" in err and "max_unparseable=0.1" in err
+    printed = capsys.readouterr()
+    assert "warning: 14 of 14 judgments (100.0%) got no verdict" in printed.err and "max_unparseable=0.1" in printed.err
+    assert "no verdict: 14 of 14 judgments (counted as ties)" in printed.out
 
 
 def test_the_cost_is_estimated_before_the_first_request_and_one_past_max_cost_is_never_sent(tmp_path, capsys):
