@@ -146,10 +146,10 @@ def announce(job: Job, endpoint: Endpoint, budget: Budget) -> None:
     if cost is None:
         log.info(line + "; no price known for a cost estimate (price_input=, price_output=)")
     elif budget.max_cost is not None and cost > budget.max_cost:
-        log.warning(f"warning: {line}, estimated ${cost:,.2f} for the prompts alone: over max_cost="
-                    f"${budget.max_cost:,.2f}, so the run stops (resumably) before its spend would pass it")
+        log.warning(f"warning: {line}, estimated {_dollars(cost)} for the prompts alone: over max_cost="
+                    f"{_dollars(budget.max_cost)}, so the run stops (resumably) before its spend would pass it")
     else:
-        log.info(f"{line}, estimated ${cost:,.2f} for the prompts alone")
+        log.info(f"{line}, estimated {_dollars(cost)} for the prompts alone")
 
 
 def run_requests(job: Job, endpoint: Endpoint, journal: Journal, budget: Budget, totals: Totals,
@@ -229,9 +229,10 @@ def _launch(job: Job, endpoint: Endpoint, budget: Budget, totals: Totals, estima
         spent = endpoint.cost(totals.prompt_tokens, totals.completion_tokens)
         coming = sum(f.cost or 0.0 for f in in_flight.values())
         if spent + coming + flight.cost > budget.max_cost:
-            log.info(f"max_cost=${budget.max_cost:,.2f}: the next request (about "
-                     f"{estimate.prompt_tokens(flight.chars):,.0f} prompt tokens, ${flight.cost:,.4f}) would take the "
-                     f"spend (${spent:,.4f}{f' + ${coming:,.4f} in flight' if coming else ''}) past it; not sent")
+            log.info(f"max_cost={_dollars(budget.max_cost)}: the next request (about "
+                     f"{estimate.prompt_tokens(flight.chars):,.0f} prompt tokens, {_dollars(flight.cost)}) would take "
+                     f"the spend ({_dollars(spent)}{f' + {_dollars(coming)} in flight' if coming else ''}) past it; "
+                     "not sent")
             return None, "max_cost"
     return flight, None
 

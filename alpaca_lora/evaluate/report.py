@@ -92,8 +92,9 @@ def format_report(report: dict) -> str:
     usage = report.get("usage")
     if usage:
         cost = "" if usage.get("cost_usd") is None else f", ${usage['cost_usd']:,.4f}"
+        cached = f"; {usage['from_cache']} judgments from the judgment cache" if usage.get("from_cache") else ""
         lines.append(f"usage: {usage['requests']} requests ({usage['requests_this_run']} this run), "
-                     f"{usage['prompt_tokens'] + usage['completion_tokens']:,} tokens{cost}")
+                     f"{usage['prompt_tokens'] + usage['completion_tokens']:,} tokens{cost}{cached}")
     rows = [("overall", report)] + list(report["per_category"].items())
     width = max(len(name) for name, _ in rows) + 2
     lines.append(f"{'':<{width}}{'pairs':>7}{'A wins':>8}{'B wins':>8}{'ties':>6}{'win rate A':>12}{'95% CI':>18}")
