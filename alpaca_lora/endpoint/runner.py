@@ -255,7 +255,7 @@ def _postfix(totals: Totals, endpoint: Endpoint) -> str:
 
 
 def _dollars(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}"
+    return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}" if amount >= 0.01 or not amount else f"${amount:.6f}"
 
 
 def summary(job: Job, totals: Totals, endpoint: Endpoint, stop: str, elapsed: float, target: int) -> dict:
