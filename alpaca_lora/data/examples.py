@@ -69,7 +69,7 @@ class DataSummary:
         if self.conversations:
             first = (f"rows: {self.rows} conversations ({self.duplicates_dropped} exact duplicates dropped), "
                      f"{self.answers} answers, with a system message: {self.with_input:.1%}; {self.restarted} turns "
-                     "began a new example (their history re-tokenizes differently)")
+                     "began a new example (the prompt before them does not continue the one so far)")
         else:
             first = (f"rows: {self.rows} ({self.duplicates_dropped} exact duplicates dropped), "
                      f"with input: {self.with_input:.1%}")

@@ -435,7 +435,8 @@ class Prompter:
             raise ConversationError("the last message must have role 'user'", len(messages) - 1 if messages else None)
         if self.own_template:
             return self.render(messages, add_generation_prompt=True)
-        return conversation_prompt(self.template, messages, self.tokenizer.eos_token or "", self.multi_turn)
+        eos = (self.tokenizer.eos_token or "") if self.multi_turn else ""  # only answers in the history end on it
+        return conversation_prompt(self.template, messages, eos, self.multi_turn)
 
     def instruction(self, instruction: str, input: str = "") -> str:
         """The prompt of one Alpaca record: the template's own text (template=model: one user message)."""
