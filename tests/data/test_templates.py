@@ -325,51 +325,10 @@ def test_instruction_header_is_the_line_before_the_instruction(tmp_path):
     assert instruction_header(_template("user-file", tmp_path)) == "<<SYS>> 'single' {# not a comment #}"
 
 
-GO_RENDER = """package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct{ Role, Content string }
-
-func main() {
-	var cases []struct {
-		Template string
-		Messages []Message
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
-		panic(err)
-	}
-	var out []string
-	for _, c := range cases {
-		var b []byte
-		w := &buffer{&b}
-		t := template.Must(template.New("").Parse(c.Template))
-		if err := t.Execute(w, map[string]any{"Messages": c.Messages, "System": "", "Response": ""}); err != nil {
-			panic(err)
-		}
-		out = append(out, string(b))
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-
-type buffer struct{ b *[]byte }
-
-func (w *buffer) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
-"""
 
 
-def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path):
+def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path, go_templates):
     """Ollama executes TEMPLATE with Go's text/template over .Messages (Role, Content): the same engine here."""
-    import os
-    import shutil
-    import subprocess
-
-    if shutil.which("go") is None:
-        pytest.skip("the Go toolchain is not installed (apt-get install golang-go)")
     from alpaca_lora.data.templates import ollama_template
 
     cases, expected = [], []
@@ -378,16 +337,10 @@ def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path):
         for conversation in CONVERSATIONS.values():
             if any(not isinstance(content, str) for _, content in conversation):
                 continue  # Ollama's messages carry text only
-            cases.append({"Template": ollama_template(template),
-                          "Messages": [{"Role": role, "Content": content} for role, content in conversation]})
+            cases.append((ollama_template(template), [{"Role": role, "Content": content}
+                                                      for role, content in conversation]))
             expected.append(_server_prompt(None, template, conversation))
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
-           "GO111MODULE": "off"}
-    done = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(cases), capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == expected
+    assert go_templates(cases) == expected
 
 
 # --- a model trained on conversations: the template in turns -------------------------------------------------
@@ -462,16 +415,11 @@ def test_the_chat_template_in_turns_refuses_what_the_server_refuses(tiny_tokeniz
         Prompter(get_template("alpaca"), tokenizer, multi_turn=True).prompt(messages)
 
 
-def test_the_ollama_template_in_turns_renders_the_server_prompt_in_go(tmp_path):
+def test_the_ollama_template_in_turns_renders_the_server_prompt_in_go(tmp_path, go_templates):
     """The Modelfile's TEMPLATE of a model trained on conversations, executed by Go's text/template as Ollama
     executes it: the server's prompt, byte for byte, every answer followed by the EOS token's text."""
-    import os
-    import shutil
-    import subprocess
     from types import SimpleNamespace
 
-    if shutil.which("go") is None:
-        pytest.skip("the Go toolchain is not installed (apt-get install golang-go)")
     from alpaca_lora.data.templates import ollama_template
 
     cases, expected = [], []
@@ -480,14 +428,8 @@ def test_the_ollama_template_in_turns_renders_the_server_prompt_in_go(tmp_path):
         for turns in TURNS.values():
             if any(not isinstance(content, str) for _, content in turns):
                 continue  # Ollama's messages carry text only
-            cases.append({"Template": ollama_template(template, multi_turn=True, eos_token=eos),
-                          "Messages": [{"Role": role, "Content": content} for role, content in turns]})
+            cases.append((ollama_template(template, multi_turn=True, eos_token=eos),
+                          [{"Role": role, "Content": content} for role, content in turns]))
             expected.append(_server_prompt(SimpleNamespace(eos_token=eos), template, turns, multi_turn=True))
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
-           "GO111MODULE": "off"}
-    done = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(cases), capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == expected
+    assert go_templates(cases) == expected
     assert any("Silver" in prompt and "</s>### Instruction:" in prompt for prompt in expected)  # turns, not folded
