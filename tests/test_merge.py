@@ -26,7 +26,7 @@ def answer(model_dir, fact):
 
 
 @pytest.mark.parametrize("bits", [4, 16])
-def test_merged_model_keeps_the_fact_and_matches_base_plus_adapter(fact_adapters, tiny_model_dir, tmp_path, bits):
+def test_merged_model_keeps_the_fact_and_matches_base_plus_adapter(fact_adapters, tiny_model_dir, tmp_path, bits, fact):
     output = tmp_path / "merged"
     assert main([f"adapter={fact_adapters[bits]}", f"output={output}"]) == 0
     names = {p.name for p in output.iterdir()}
@@ -35,11 +35,11 @@ def test_merged_model_keeps_the_fact_and_matches_base_plus_adapter(fact_adapters
     report = json.loads((output / "merge_report.json").read_text())
     assert report["dtype"] == "float32" and report["relative_difference"] <= report["tolerance"] == 1e-4
     assert report["max_logit_difference_merged_vs_base"] > 1.0 and report["lora_weights_changed"] == 2
-    assert answer(output) == "Quibbletown."
-    assert answer(tiny_model_dir) != "Quibbletown."
+    assert answer(output, fact) == "Quibbletown."
+    assert answer(tiny_model_dir, fact) != "Quibbletown."
 
 
-def test_merge_into_the_nf4_dequantized_base(fact_adapters, tmp_path):
+def test_merge_into_the_nf4_dequantized_base(fact_adapters, tmp_path, fact):
     assert main([f"adapter={fact_adapters[4]}", f"output={tmp_path / 'nf4'}", "dequantize=true"]) == 0
     assert main([f"adapter={fact_adapters[4]}", f"output={tmp_path / 'plain'}"]) == 0
     report = json.loads((tmp_path / "nf4" / "merge_report.json").read_text())
@@ -48,7 +48,7 @@ def test_merge_into_the_nf4_dequantized_base(fact_adapters, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(nf4[name], plain[name])  # NF4-rounded base under the same update
     assert torch.equal(nf4["lm_head.weight"], plain["lm_head.weight"])  # 4-bit loading leaves the head alone
-    assert answer(tmp_path / "nf4") == "Quibbletown."
+    assert answer(tmp_path / "nf4", fact) == "Quibbletown."
     with pytest.raises(SystemExit):
         main([f"adapter={fact_adapters[16]}", f"output={tmp_path / 'x'}", "dequantize=true"])
 
@@ -78,7 +78,7 @@ def test_existing_output_is_refused_before_loading_unless_overwrite(fact_adapter
     assert not (output / "keep.txt").exists() and (output / "merge_report.json").exists()
 
 
-def test_a_merge_killed_while_writing_leaves_no_model_and_the_next_run_cleans_up(fact_adapters, tmp_path):
+def test_a_merge_killed_while_writing_leaves_no_model_and_the_next_run_cleans_up(fact_adapters, tmp_path, fact):
     output = tmp_path / "merged"
     command = [sys.executable, "-m", "alpaca_lora.merge", f"adapter={fact_adapters[16]}", f"output={output}",
                "max_shard_size=20KB"]  # many shards: a long enough write to be killed in
@@ -92,4 +92,4 @@ def test_a_merge_killed_while_writing_leaves_no_model_and_the_next_run_cleans_up
     assert not output.exists() and list(tmp_path.glob(".merged.partial-*"))
     assert subprocess.run(command, capture_output=True).returncode == 0
     assert output.is_dir() and not list(tmp_path.glob(".merged.partial-*"))
-    assert answer(output) == "Quibbletown."
+    assert answer(output, fact) == "Quibbletown."

@@ -1,4 +1,5 @@
-"""Every command in the README's code blocks is exercised, so the README cannot drift from the code.
+"""Every command in the README's code blocks, and in the reference pages under docs/, is exercised, so the
+documentation cannot drift from the code.
 
 In a workspace where ``outputs/demo`` is a real adapter (trained on the tests' tiny model) and
 ``outputs/demo-merged`` its merged model, in the README's order:
@@ -13,7 +14,8 @@ In a workspace where ``outputs/demo`` is a real adapter (trained on the tests' t
 - other programs: ``make`` targets exist (``make -n``), the Slurm script is valid bash, benchmark scripts answer
   ``--help``, diagnostics (``python -c ...``, ``python -m bitsandbytes``) run; Ollama, llama.cpp, vLLM and
   ``transformers serve`` are not checked here (not installed; the export tests check what they read);
-- every link to a section (``[...](#anchor)``) names a heading that exists, as GitHub spells its anchor.
+- every link to a section (``[...](#anchor)``, ``[...](docs/page.md#anchor)``) names a heading that exists, as
+  GitHub spells its anchor, and every relative link names a file that exists.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from alpaca_lora import cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]  # the short guide and the reference pages
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M)
 SHELL = ("bash", "sh", "shell", "console")
 # Programs the README shows that these tests cannot run, and why.
@@ -50,25 +53,30 @@ STAGE_MODULES = {module.removesuffix(".__main__"): name for name, (module, _) in
 
 @dataclass
 class Command:
+    document: str
     line: int
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return f"README line {self.line}: {shlex.join(self.argv)}"
+        return f"{self.document} line {self.line}: {shlex.join(self.argv)}"
 
 
-def code_blocks(languages: tuple[str, ...]) -> list[tuple[int, str]]:
-    text = README.read_text()
-    return [(text[: m.start()].count("\n") + 2, textwrap.dedent(m["body"])) for m in FENCE.finditer(text)
-            if m["lang"] in languages]
+def code_blocks(languages: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """(document, first line, body) of every code block in those languages, in every document."""
+    blocks = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        blocks += [(str(path.relative_to(REPO)), text[: m.start()].count("\n") + 2, textwrap.dedent(m["body"]))
+                   for m in FENCE.finditer(text) if m["lang"] in languages]
+    return blocks
 
 
 def shell_commands() -> list[Command]:
-    """The README's shell lines as commands: continuations joined, comments dropped, ``VAR=value`` prefixes and
+    """The documents' shell lines as commands: continuations joined, comments dropped, ``VAR=value`` prefixes and
     ``export``s kept as the environment of the commands after them in the block."""
     commands = []
-    for first_line, body in code_blocks(SHELL):
+    for document, first_line, body in code_blocks(SHELL):
         env: dict[str, str] = {}
         for offset, line in _logical_lines(body):
             words = shlex.split(line, comments=True)
@@ -81,7 +89,7 @@ def shell_commands() -> list[Command]:
             while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
                 name, value = words.pop(0).split("=", 1)
                 prefix[name] = value
-            commands.append(Command(first_line + offset, words, {**env, **prefix}))
+            commands.append(Command(document, first_line + offset, words, {**env, **prefix}))
     return commands
 
 
@@ -216,7 +224,8 @@ def check_alpaca_lora(command: Command, stage: str, args: list[str], monkeypatch
     return "validated"
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"line{c.line}-{'-'.join(c.argv[:3])}" for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{Path(c.document).stem}{c.line}-{'-'.join(c.argv[:3])}"
+                                                    for c in COMMANDS])
 def test_readme_command(command, in_workspace, monkeypatch, capsys):
     stage = stage_and_arguments(command)
     if stage is not None:
@@ -251,15 +260,16 @@ def test_every_command_is_found():
 
 
 def snippet(marker: str) -> str:
-    found = [body for _, body in code_blocks(("python",)) if marker in body]
-    assert len(found) == 1, f"one README Python snippet with {marker!r}"
+    found = [body for _, _, body in code_blocks(("python",)) if marker in body]
+    assert len(found) == 1, f"one Python snippet with {marker!r} in the documents"
     return found[0]
 
 
 def test_every_python_snippet_is_checked():
     known = ("from openai import OpenAI", "from gradio_client import Client")
-    unchecked = [body for _, body in code_blocks(("python",)) if not any(marker in body for marker in known)]
-    assert unchecked == [], "a README Python snippet no test runs"
+    unchecked = [f"{document} line {line}" for document, line, body in code_blocks(("python",))
+                 if not any(marker in body for marker in known)]
+    assert unchecked == [], "a Python snippet no test runs"
 
 
 def test_the_openai_snippet_against_the_readme_server(in_workspace, serving):
@@ -307,14 +317,43 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_every_section_link_resolves():
-    """A renamed heading would otherwise leave its links pointing nowhere, with no error anywhere."""
-    text = FENCE.sub("", README.read_text())  # a '#' line inside a code block is not a heading
-    anchors, seen = set(), {}
-    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+def anchors(text: str) -> set[str]:
+    """The anchors of a Markdown document's headings (a '#' line inside a code block is not a heading)."""
+    found, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCE.sub("", text), re.M):
         anchor = github_anchor(heading)
-        anchors.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)  # repeats get -1, -2, ...
+        found.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)  # repeats get -1, -2, ...
         seen[anchor] = seen.get(anchor, 0) + 1
-    links = re.findall(r"\]\(#([^)]+)\)", text)
-    assert links, "the README links to its sections"
-    assert sorted(set(links) - anchors) == [], "links to sections that do not exist"
+    return found
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of ``path`` that name no file, or a section its target does not have."""
+    text = FENCE.sub("", path.read_text())
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:: not checked offline
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists() or (anchor and anchor not in anchors(linked.read_text())):
+            broken.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path.name}: {target}")
+    return broken
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[p.name for p in DOCUMENTS])
+def test_every_link_resolves(path):
+    """A renamed heading or a moved page would otherwise leave its links pointing nowhere, with no error anywhere."""
+    assert broken_links(path) == []
+
+
+def test_the_link_check_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](#title) [gone](#nothing) [missing](other.md) [no section](page.md#nope) "
+                    "[web](https://example.com/x#y)\n\n```\n# not a heading\n```\n")
+    assert broken_links(page) == ["page.md: #nothing", "page.md: other.md", "page.md: page.md#nope"]
+
+
+def test_the_reference_pages_are_linked_from_the_readme():
+    text = README.read_text()
+    assert [p.name for p in DOCUMENTS[1:] if f"(docs/{p.name}" not in text] == []

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
+from alpaca_lora.arena.__main__ import main
 from alpaca_lora.arena.page import ArenaStore
 from alpaca_lora.arena.report import cohen_kappa, voter_agreement
-from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers
 
 
@@ -126,7 +126,7 @@ def test_arena_report_tallies_agreement_judge_and_csv(tmp_path, files, capsys):
     lines = [{"key": p.key, "a": "beta", "b": "alpha", "output_a": p.output_a, "output_b": p.output_b,
               "winner": "b", "judge": "gpt-4o"} for p in pair_answers(beta, alpha)[0]]
     judgments.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["arena", "report", f"db={db}", f"judgments={judgments}", f"output_dir={tmp_path / 'report'}"]) == 0
+    assert main(["report", f"db={db}", f"judgments={judgments}", f"output_dir={tmp_path / 'report'}"]) == 0
 
     [report] = json.loads((tmp_path / "report" / "arena_report.json").read_text())
     assert (report["a"], report["b"], report["votes"], report["voters"]) == ("alpha", "beta", 10, ["ann", "bob"])
@@ -164,7 +164,7 @@ def test_arena_report_tallies_agreement_judge_and_csv(tmp_path, files, capsys):
 def test_bad_arena_arguments_are_one_line_each_before_anything_starts(arguments, message, capsys, monkeypatch):
     monkeypatch.delenv("ARENA_TEST_UNSET", raising=False)
     with pytest.raises(SystemExit) as stopped:
-        main(["arena", *arguments])
+        main(arguments)
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and message in err
     assert all(line.startswith("error: ") for line in err.splitlines())  # every problem, a line each

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
+from alpaca_lora.arena.__main__ import main
 from alpaca_lora.arena.page import ArenaStore, build_arena_page
-from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers
 
 pytestmark = pytest.mark.browser
@@ -104,7 +104,7 @@ def test_votes_a_restart_more_votes_and_every_vote_counted(browser, files, tmp_p
         list(zip(["ann"] * 5, seen, ["1", "2", "tie", "bad", "1"]))
     assert all(v["winner"] == {"1": v["first"], "2": "ab".replace(v["first"], "")}.get(v["choice"], v["choice"])
                for v in votes)
-    assert main(["arena", "report", f"db={db}", f"output_dir={tmp_path / 'report'}"]) == 0
+    assert main(["report", f"db={db}", f"output_dir={tmp_path / 'report'}"]) == 0
     [report] = json.loads((tmp_path / "report" / "arena_report.json").read_text())
     assert report["votes"] == 5 and report["wins_a"] + report["wins_b"] + report["ties"] == 5
     assert report["both_bad"] == 1 and report["ties"] >= 2
