@@ -137,8 +137,8 @@ def template_turns(prompter: Prompter, records: list[dict]) -> list[list[Turn]]:
     answer_ids = prompter.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
     turns: list[list[Turn]] = [[] for _ in records]
     eos = prompter.tokenizer.eos_token_id
-    for number, prompt, answer, learned in zip(places, prompts, answer_ids, trained):
-        turns[number].append(Turn(prompter.encode(prompt), answer + [eos], learned))
+    for number, prompt, answer, learned in zip(places, prompter.encode_all(prompts), answer_ids, trained):
+        turns[number].append(Turn(prompt, answer + [eos], learned))
     return turns
 
 

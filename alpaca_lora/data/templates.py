@@ -149,9 +149,12 @@ ROLES = (*CONTEXT_ROLES_VERBATIM, "user", "assistant")
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids as training and generation both use them: special tokens (BOS) but never EOS."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return _without_eos(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def _without_eos(tokenizer, ids: list[int]) -> list[int]:
     if ids and ids[-1] == tokenizer.eos_token_id and ids[-1] != tokenizer.bos_token_id:
-        ids = ids[:-1]
+        return ids[:-1]
     return ids
 
 
@@ -457,6 +460,11 @@ class Prompter:
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids as generation feeds them: with BOS, never EOS (:func:`encode_prompt`); template=model as
         transformers' ``apply_chat_template`` tokenizes (the template writes its own special tokens)."""
-        if self.own_template:
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return encode_prompt(self.tokenizer, prompt)
+        return self.encode_all([prompt])[0]
+
+    def encode_all(self, prompts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of many prompts in one call of the tokenizer (its batches run in parallel)."""
+        if not prompts:
+            return []
+        ids = self.tokenizer(prompts, add_special_tokens=not self.own_template)["input_ids"]
+        return ids if self.own_template else [_without_eos(self.tokenizer, one) for one in ids]
