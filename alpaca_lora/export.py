@@ -31,6 +31,7 @@ from alpaca_lora.common.errors import ConfigError, ExportError
 from alpaca_lora.common.paths import atomic_write_text, cache_dir
 from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
 from alpaca_lora.data.templates import (
+    ModelTemplate,
     PromptTemplate,
     get_template,
     instruction_header,
@@ -170,14 +171,17 @@ def export(cfg: ExportConfig) -> dict:
         os.replace(work / "model.gguf", output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    atomic_write_text(modelfile_path(output), modelfile(output, template, tokenizer))
-    return {**summary, "template": template.name, "output": str(output), "modelfile": str(modelfile_path(output))}
+    atomic_write_text(modelfile_path(output), modelfile(output, template, tokenizer, bool(cfg.multi_turn)))
+    turns = " in turns" if cfg.multi_turn and not isinstance(template, ModelTemplate) else ""
+    return {**summary, "template": template.name + turns, "output": str(output),
+            "modelfile": str(modelfile_path(output))}
 
 
-def _tokenizer(cfg: ExportConfig, template: PromptTemplate):
+def _tokenizer(cfg: ExportConfig, template: PromptTemplate | ModelTemplate):
     from alpaca_lora.model import load_tokenizer
 
-    return set_chat_template(load_tokenizer(cfg.adapter or cfg.model, cfg.trust_remote_code), template)
+    return set_chat_template(load_tokenizer(cfg.adapter or cfg.model, cfg.trust_remote_code), template,
+                             bool(cfg.multi_turn))
 
 
 def _config(cfg: ExportConfig):
@@ -294,11 +298,16 @@ def _check_gguf(path: Path, tokenizer) -> dict:
             "eos_token_id": tokenizer.eos_token_id, "bytes": path.stat().st_size}
 
 
-def modelfile(output: Path, template: PromptTemplate, tokenizer) -> str:
-    """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE, and where to stop."""
+def modelfile(output: Path, template: PromptTemplate | ModelTemplate, tokenizer, multi_turn: bool = False) -> str:
+    """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE (in turns for a model trained on
+    conversations), and where to stop. With template=model there is no TEMPLATE: Ollama takes the chat template
+    from the GGUF, as it does for the base model's own."""
     stops = [tokenizer.eos_token] + [header for header in [instruction_header(template)] if header]
-    lines = [f"# Ollama: ollama create {output.stem} -f {modelfile_path(output).name}",
-             f"FROM ./{output.name}", f'TEMPLATE """{ollama_template(template)}"""']
+    if isinstance(template, ModelTemplate):
+        how = "# TEMPLATE: none; the GGUF carries the base model's own chat template (template=model)"
+    else:
+        how = f'TEMPLATE """{ollama_template(template, multi_turn, tokenizer.eos_token)}"""'
+    lines = [f"# Ollama: ollama create {output.stem} -f {modelfile_path(output).name}", f"FROM ./{output.name}", how]
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
     return "\n".join(lines) + "\n"
 

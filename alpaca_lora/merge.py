@@ -24,7 +24,7 @@ from alpaca_lora.common.errors import ConfigError, MergeError
 from alpaca_lora.common.paths import atomic_directory
 from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
 from alpaca_lora.data.examples import left_padded_prompts
-from alpaca_lora.data.templates import get_template, set_chat_template
+from alpaca_lora.data.templates import Prompter, get_template, set_chat_template
 from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import (
     SAVED_CONFIG,
@@ -108,9 +108,11 @@ def merge(cfg: MergeConfig) -> dict:
     trained_bits = saved_config(cfg.adapter).get("quant", {}).get("bits")
     template = get_template(cfg.template)
     path = resolve_model(cfg.model)
-    tokenizer = set_chat_template(load_tokenizer(cfg.adapter, cfg.trust_remote_code), template)  # travels with it
+    tokenizer = set_chat_template(load_tokenizer(cfg.adapter, cfg.trust_remote_code), template,
+                                  bool(cfg.multi_turn))  # travels with the merged model
     dtype = _merge_dtype(cfg.dtype, path)
-    probes = left_padded_prompts(tokenizer, [template.format(instruction, text) for instruction, text in PROBES])
+    prompter = Prompter(template, tokenizer, bool(cfg.multi_turn))
+    probes = left_padded_prompts(tokenizer, [prompter.instruction(*probe) for probe in PROBES], prompter.encode)
 
     sixteen_bit = replace(cfg, quant=replace(cfg.quant, bits=16))
     base = load_model(path, sixteen_bit, cfg.device, dtype="float32" if cfg.dequantize else _dtype_name(dtype))
@@ -226,7 +228,7 @@ def _save(merged, tokenizer, cfg: MergeConfig, report: dict) -> None:
     """The merged model, its tokenizer, the adapter's training configuration (now describing a 16-bit
     model) and the report, in a directory that appears in one piece."""
     saved = yaml.safe_load(saved_config_path(cfg.adapter).read_text(encoding="utf-8")) if \
-        saved_config_path(cfg.adapter) else {"config": {"template": cfg.template}}
+        saved_config_path(cfg.adapter) else {"config": {"template": cfg.template, "multi_turn": cfg.multi_turn}}
     saved["config"]["quant"] = {**saved["config"].get("quant", {}), "bits": 16}
     saved["merged"] = {"adapter": str(cfg.adapter), "base": cfg.model, "dequantized_nf4_base": cfg.dequantize}
     with atomic_directory(cfg.output, replace=cfg.overwrite) as tmp:

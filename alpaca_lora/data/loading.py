@@ -1,14 +1,21 @@
-"""Loading and validating Alpaca-format records, before any model is loaded.
+"""Loading and validating records, before any model is loaded.
 
 A source is a local ``.json`` (a list of records) or ``.jsonl`` file, an http(s) URL (downloaded
 once into the cache, and only once it has been read and validated), ``builtin:NAME`` (a set this
-package generates), or a Hugging Face dataset id such as ``tatsu-lab/alpaca``. Every record comes
-out as ``{instruction, input, output}``.
+package generates), or a Hugging Face dataset id such as ``tatsu-lab/alpaca``. Its format is told by
+its first record and every record must share it:
+
+- Alpaca (``instruction``, ``input``, ``output``): every record comes out as ``{instruction, input, output}``;
+- OpenAI ``messages`` (``role`` system/user/assistant, ``content``; an assistant turn's ``weight`` 0 keeps it
+  out of the loss) and ShareGPT ``conversations`` (``from`` system/human/gpt, ``value``): conversations, which
+  only training reads, each coming out as ``{"messages": [{role, content[, weight]}, ...]}`` with OpenAI's roles.
+  A conversation is system messages (optional), then user and assistant turns in turn, ending with an answer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -21,8 +28,16 @@ from tqdm.auto import tqdm
 from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.jsonfiles import parse_json, parse_json_lines, read_text
 from alpaca_lora.common.paths import cache_dir
+from alpaca_lora.data.templates import turn_order_problem
 
 FIELDS = ("instruction", "input", "output")
+# Each conversation format: its list field, the role and text fields of a turn, and its roles as OpenAI's.
+CONVERSATION_FORMATS = {
+    "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "sharegpt": ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+}
+FORMAT_NAMES = {"alpaca": "Alpaca (instruction, input, output)", "messages": "OpenAI 'messages'",
+                "sharegpt": "ShareGPT 'conversations'"}
 # Far above any instruction data set served as one file (Stanford's alpaca_data.json is 22 MB), far
 # below what would exhaust memory when parsed; max_download_bytes= raises it.
 MAX_DOWNLOAD_BYTES = 1 << 30
@@ -32,33 +47,123 @@ T = TypeVar("T")
 
 @dataclass
 class LoadedData:
-    records: list[dict[str, str]]
+    records: list[dict]
     source: str
     duplicates_dropped: int
+    format: str = "alpaca"  # or messages, sharegpt: the records are then {"messages": [...]}
+
+    @property
+    def conversations(self) -> bool:
+        return self.format != "alpaca"
 
 
 def load_records(source: str, columns: dict[str, str] | None = None, allow_empty: bool = False,
-                 need_output: bool = True, max_download_bytes: int = MAX_DOWNLOAD_BYTES) -> LoadedData:
+                 need_output: bool = True, max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+                 conversations: bool = False) -> LoadedData:
     """Reads, maps, validates and de-duplicates one source; raises :class:`DataError` on the first bad record.
 
     ``columns`` maps our field names to the source's, e.g. ``{"output": "response"}``. Empty
     instructions and outputs are errors unless ``allow_empty`` (for the cleaner, which drops them);
-    without ``need_output`` (prompts to generate for) a missing output is read as empty.
+    without ``need_output`` (prompts to generate for) a missing output is read as empty. Conversation
+    files are read only with ``conversations`` (training); elsewhere they are refused in one line.
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS}
 
-    def validated(raw: Iterable[tuple[str, Any]], label: str) -> list[dict[str, str]]:
-        return [_validate(record, where, label, columns, allow_empty, need_output) for where, record in raw]
+    def validated(raw: Iterable[tuple[str, Any]], label: str) -> tuple[str, list[dict]]:
+        kind, first, records = None, None, []
+        for where, record in raw:
+            found = _format_of(record)
+            if kind is None:
+                kind, first = found or "alpaca", where
+                _check_format(kind, label, where, columns, conversations)
+            elif found is not None and found != kind:
+                raise DataError(f"{label}: {where}: a record in the {FORMAT_NAMES[found]} format, but the file's first "
+                                f"({first}) is in the {FORMAT_NAMES[kind]} format; one format per file")
+            records.append(_conversation(record, where, label, kind) if kind in CONVERSATION_FORMATS else
+                           _validate(record, where, label, columns, allow_empty, need_output))
+        return kind or "alpaca", records
 
-    label, records = _read_source(source, validated, max_download_bytes)
-    seen: set[tuple[str, ...]] = set()
+    label, (kind, records) = _read_source(source, validated, max_download_bytes)
+    seen: set[str | tuple[str, ...]] = set()
     unique = []
     for record in records:
-        key = tuple(record[f] for f in FIELDS)
+        key = json.dumps(record["messages"], sort_keys=True) if "messages" in record else \
+            tuple(record[f] for f in FIELDS)
         if key not in seen:
             seen.add(key)
             unique.append(record)
-    return LoadedData(records=unique, source=label, duplicates_dropped=len(records) - len(unique))
+    return LoadedData(records=unique, source=label, duplicates_dropped=len(records) - len(unique), format=kind)
+
+
+def _format_of(record: Any) -> str | None:
+    """A record's format by its fields (None: not an object, left to the file's format to explain)."""
+    if not isinstance(record, dict):
+        return None
+    return next((kind for kind, (field, *_) in CONVERSATION_FORMATS.items() if field in record), "alpaca")
+
+
+def _check_format(kind: str, label: str, where: str, columns: dict[str, str], conversations: bool) -> None:
+    if kind == "alpaca":
+        return
+    if not conversations:
+        raise DataError(f"{label}: {where}: {FORMAT_NAMES[kind]} records are conversations, which only training "
+                        "reads; this command takes Alpaca records (instruction, input, output)")
+    mapped = {field: column for field, column in columns.items() if field != column}
+    if mapped:
+        raise DataError(f"{label}: {where}: {FORMAT_NAMES[kind]} records have no Alpaca fields to map; leave out "
+                        f"columns ({', '.join(f'columns.{field}={column}' for field, column in mapped.items())})")
+
+
+def _conversation(record: Any, where: str, label: str, kind: str) -> dict:
+    """A conversation checked turn by turn (one line naming the turn and field at fault), in OpenAI's form."""
+    field, role_key, text_key, roles = CONVERSATION_FORMATS[kind]
+    turns = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns:
+        found = f"a JSON {type(record).__name__}" if not isinstance(record, dict) else \
+            "it is missing" if field not in record else "found an empty list" if turns == [] else \
+            f"found {_json_type(turns)}"
+        raise DataError(f"{label}: {where}: field '{field}' must be a non-empty list of turns ({found})")
+    messages = [_turn(turn, f"{label}: {where}: {field}[{i}]", role_key, text_key, roles)
+                for i, turn in enumerate(turns)]
+    problem = turn_order_problem([message["role"] for message in messages], last=("assistant",))
+    if problem:
+        index, why = problem
+        names = "" if kind == "messages" else " (ShareGPT's human is user, gpt is assistant)"
+        raise DataError(f"{label}: {where}: {field}[{index}]: {why}{names}")
+    return {"messages": messages}
+
+
+def _turn(turn: Any, at: str, role_key: str, text_key: str, roles: dict[str, str]) -> dict:
+    if not isinstance(turn, dict):
+        raise DataError(f"{at}: expected an object with '{role_key}' and '{text_key}', found {_json_type(turn)}")
+    role, text = turn.get(role_key), turn.get(text_key)
+    if not isinstance(role, str):
+        raise DataError(f"{at}: field '{role_key}' must be a string ({_found(role)})")
+    if role not in roles:
+        raise DataError(f"{at}: field '{role_key}': unknown role '{role}' (one of {', '.join(roles)})")
+    if isinstance(text, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                      for p in text):
+        text = "".join(part["text"] for part in text)  # OpenAI's content parts, text only
+    if not isinstance(text, str):
+        raise DataError(f"{at}: field '{text_key}' must be a string ({_found(text)})")
+    if not text.strip():
+        raise DataError(f"{at}: field '{text_key}' is empty")
+    message = {"role": roles[role], "content": text}
+    if turn.get("weight") is not None and role_key == "role":
+        if roles[role] != "assistant" or turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+            raise DataError(f"{at}: field 'weight' must be 0 or 1, on an assistant turn (found {turn['weight']!r} on "
+                            f"a {role} turn)")
+        message["weight"] = turn["weight"]
+    return message
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _found(value: Any) -> str:
+    return "it is missing" if value is None else f"found {_json_type(value)}"
 
 
 def _read_source(source: str, validated: Callable[[Iterable[tuple[str, Any]], str], T],

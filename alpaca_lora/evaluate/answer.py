@@ -2,7 +2,8 @@
 
 Every finished answer (local) or request (endpoint) is journaled beside the answers, so a killed run
 continues where it stopped and no item is answered twice; the answers file and its AlpacaEval form
-are rewritten, in the set's order, at the end of every run.
+are rewritten, in the set's order, at the end of every run. A multi-turn set's later turns are asked once
+the turn before is answered, with the generator's own earlier answers in the conversation.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from tqdm.auto import tqdm
 from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
-from alpaca_lora.data.templates import get_template
+from alpaca_lora.data.templates import conversation_prompt, get_template
 from alpaca_lora.endpoint.client import Reply
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import file_name, write_answers
-from alpaca_lora.evaluate.sets import EvalSet, fold, load_eval_set
+from alpaca_lora.evaluate.sets import EvalSet, answered_in_turns, fold, load_eval_set
 from alpaca_lora.evaluate.settings import AnswerConfig
 
 log = get_logger(__name__).info
@@ -74,10 +75,43 @@ class Answering:
         self.todo = [item for item in self.items if item["key"] not in self.answered]
 
     def record(self, item: dict, output: str) -> dict:
+        """The answer to ``item``; a multi-turn set's item keeps the answer itself (``answer``), and a later turn's
+        output, what the judge sees, shows the generator's earlier answers first."""
         answer = {**item, "output": output.strip(), "generator": self.generator, "model": self.model,
                   "decoding": self.decoding}
+        if "turns" in item:
+            answer["answer"] = output.strip()
+            answer["output"] = answered_in_turns(self.earlier_answers(item), output.strip()) if item["previous"] \
+                else output.strip()
         self.answered[item["key"]] = answer
         return answer
+
+    def ready(self, item: dict) -> bool:
+        """An item can be asked: a single turn, or a later turn whose turn before is answered."""
+        return not item.get("previous") or item["previous"] in self.answered
+
+    def earlier_answers(self, item: dict) -> list[str]:
+        answers, previous = [], item.get("previous")
+        while previous:
+            answers.insert(0, self.answered[previous]["answer"])
+            previous = self.answered[previous].get("previous")
+        return answers
+
+    def messages(self, item: dict) -> list[dict]:
+        """The conversation a multi-turn set's item is answered in: the user's turns, the generator's own answers."""
+        messages = []
+        for turn, answer in zip(item["turns"], self.earlier_answers(item)):
+            messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+        return messages + [{"role": "user", "content": item["turns"][-1]}]
+
+    def passes(self):
+        """The items still to answer, in passes: each pass those whose turn before is answered (all of them at
+        once for a single-turn set)."""
+        asked: set[str] = set()
+        while batch := [item for item in self.items
+                        if item["key"] not in self.answered and item["key"] not in asked and self.ready(item)]:
+            asked |= {item["key"] for item in batch}
+            yield batch
 
     def in_order(self) -> list[dict]:
         return [self.answered[item["key"]] for item in self.items if item["key"] in self.answered]
@@ -100,17 +134,18 @@ def _answer_with_local_model(cfg: AnswerConfig, answering: Answering, output: Pa
 
     model = LocalModel(cfg, cfg.batch_size)
     log(f"{len(answering.items)} items; {model.description}; {len(answering.answered)} answered before")
-    stop = "finished"
+    stop, number = "finished", len(answering.entries)
     stop_on_sigterm()  # a scheduler's preemption, `kill`: stop cleanly
     try:
         with tqdm(total=len(answering.items), initial=len(answering.answered), desc="answering", unit="item") as bar:
-            answers = model(answering.todo, cfg)
-            for number, (position, text) in enumerate(answers, start=len(answering.entries)):
-                answering.journal.append({"request": number, "mode": "answer", "prompt_tokens": 0,
-                                          "completion_tokens": 0, "retries": 0, "problem": None, "error": None,
-                                          "records": [answering.record(answering.todo[position], text)],
-                                          "discarded": {}})
-                bar.update(1)
+            for batch in answering.passes():
+                asked = [{"messages": answering.messages(item)} if "turns" in item else item for item in batch]
+                for position, text in model(asked, cfg):
+                    answering.journal.append({"request": number, "mode": "answer", "prompt_tokens": 0,
+                                              "completion_tokens": 0, "retries": 0, "problem": None, "error": None,
+                                              "records": [answering.record(batch[position], text)], "discarded": {}})
+                    number += 1
+                    bar.update(1)
     except KeyboardInterrupt:
         stop = "interrupted"
     return _finish(answering, output, stop)
@@ -143,21 +178,30 @@ class AnswerJob:
         self.answering, self.cfg = answering, cfg
         self.total = len(answering.items)
         self.template = get_template(cfg.template) if cfg.api == "completions" else None
-        self._pending = iter(answering.todo)
+        self._pending = list(answering.todo)  # each asked once per run; a later turn once the turn before is answered
 
     def next_prompt(self, number: int):
-        item = next(self._pending, None)
-        return None if item is None else (item, self.prompt(item))
+        item = next((item for item in self._pending if self.answering.ready(item)), None)
+        if item is None:
+            return None
+        self._pending.remove(item)
+        return item, self.prompt(item)
 
     def pending_prompts(self) -> list:
-        return [self.prompt(item) for item in self.answering.todo]
+        """For the estimate before the first request: a later turn's prompt, whose earlier answers are not known
+        yet, counted as its own turn alone."""
+        return [self.prompt(item) if self.answering.ready(item) else item["turns"][-1] for item in self._pending]
 
     def prompt(self, item: dict) -> str | list[dict]:
-        """The training template's prompt (api=completions), or the chat messages."""
-        if self.template:
-            return self.template.format(item["instruction"], item["input"])
+        """The chat messages, or with api=completions the training template's prompt (a conversation folded)."""
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-        return system + [{"role": "user", "content": fold(item["instruction"], item["input"])}]
+        messages = self.answering.messages(item) if "turns" in item else \
+            [{"role": "user", "content": fold(item["instruction"], item["input"])}]
+        if not self.template:
+            return system + messages
+        if "turns" not in item:
+            return self.template.format(item["instruction"], item["input"])
+        return conversation_prompt(self.template, system + messages, "", multi_turn=False)  # folded
 
     def accept(self, item: dict, reply: Reply) -> dict:
         if reply.problem and reply.problem != "empty_reply":  # an empty answer is an answer, and loses

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alpaca_lora.data.templates import PromptTemplate
+from alpaca_lora.data.templates import Prompter
 
 
 def is_exact_match(response: str, reference: str) -> bool:
@@ -22,19 +22,21 @@ class ExactMatch:
     matches: list[bool]
 
 
-def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[str, str]], label: str,
+def exact_match(model, prompter: Prompter, records: list[dict[str, str]], label: str,
                 batch_size: int = 16) -> ExactMatch:
-    """Share of records whose greedy response equals the reference output (whitespace-trimmed).
+    """Share of records whose greedy response equals the reference output (whitespace-trimmed), each prompted as
+    the model is trained (``prompter``).
 
     Generation stops a few tokens past the longest reference: a longer answer cannot match anyway.
     """
     from alpaca_lora.inference.generation import generate_batch  # torch: only when a model is scored
 
+    tokenizer = prompter.tokenizer
     reference_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     max_new_tokens = max(map(len, reference_ids), default=1) + 4
-    prompts = [template.format(r["instruction"], r.get("input", "")) for r in records]
+    prompts = [prompter.instruction(r["instruction"], r.get("input", "")) for r in records]
     responses = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               progress=f"exact match ({label})")
+                               progress=f"exact match ({label})", encode=prompter.encode)
     matches = [is_exact_match(response, record["output"]) for response, record in zip(responses, records)]
     return ExactMatch(sum(matches) / max(len(records), 1), sum(matches), len(records), responses, matches)
 

@@ -7,6 +7,11 @@
   this subset) its dataset.
 - AlpacaEval's format: a JSON list with ``instruction``, ``output`` (the reference), ``generator`` and
   ``dataset`` (the category); inputs are already folded into the instruction.
+- MT-Bench's format (``question.jsonl``): ``turns``, a list of user messages (two in MT-Bench), with
+  ``question_id``, ``category`` and ``reference`` (a list, where a category has them). Each turn is an item
+  (id ``QUESTION.TURN``); a later turn is answered with the model's own earlier answers in its history, and
+  is judged by the same judge as the others: its input quotes the user's earlier messages, its output shows the
+  generator's own earlier answers before the answer to judge.
 - Anything the training data loader reads in the Alpaca format (.json/.jsonl, URL, ``builtin:NAME``).
 
 ``held_out=DIR`` takes the items a training run held out: the validation split of its data, drawn
@@ -108,9 +113,11 @@ def _load(spec: str) -> EvalSet:
 
 
 def _read_set_file(path: Path, label: str) -> EvalSet:
-    """Self-Instruct's format, AlpacaEval's, or else Alpaca's, told apart by the first record's fields."""
+    """Self-Instruct's format, MT-Bench's, AlpacaEval's, or else Alpaca's, told apart by the first record's fields."""
     records = read_json_records(path, label)
     first = records[0][1] if records else {}
+    if isinstance(first, dict) and "turns" in first:
+        return EvalSet([item for where, record in records for item in _mt_bench_items(record, where, label)], label)
     if isinstance(first, dict) and "instances" in first:
         return EvalSet([_self_instruct_item(record, where, label) for where, record in records], label)
     if isinstance(first, dict) and "input" not in first and ({"dataset", "generator"} & set(first)):
@@ -129,6 +136,43 @@ def _self_instruct_item(record: object, where: str, label: str) -> dict:
     item_id = text_field(record, "id", where, label, required=False) or where
     category = text_field(record, "motivation_app", where, label, required=False)
     return make_item(item_id, instruction, input_text, category, reference, SELF_INSTRUCT_SUBSET)
+
+
+def _mt_bench_items(record: object, where: str, label: str) -> list[dict]:
+    """One item per turn of an MT-Bench question; a later turn's item knows the user's earlier messages
+    (``turns``) and the item of the turn before (``previous``), whose answer goes into its history."""
+    turns = record.get("turns") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise DataError(f"{label}: {where}: field 'turns' must be a non-empty list of non-empty strings (the user's "
+                        "messages)")
+    references = record.get("reference") or []
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise DataError(f"{label}: {where}: field 'reference' must be a list of strings, one per turn")
+    question = str(record.get("question_id", where))
+    category = text_field(record, "category", where, label, required=False)
+    items, previous = [], None
+    for number, turn in enumerate(turns, start=1):
+        reference = references[number - 1] if number <= len(references) else None
+        item = make_item(f"{question}.{number}", turn, earlier_turns(turns[: number - 1]), category, reference)
+        items.append({**item, "turns": turns[:number], "previous": previous})
+        previous = item["key"]
+    return items
+
+
+def earlier_turns(turns: list[str]) -> str:
+    """A later turn's input, for the judge: the user's earlier messages (the same for every generator, so that
+    answers pair by it; each generator's own earlier answers are in its response, see ``answered_in_turns``)."""
+    if not turns:
+        return ""
+    said = "\n\n".join(f"[User, turn {number}]\n{turn}" for number, turn in enumerate(turns, start=1))
+    return (f"This instruction is turn {len(turns) + 1} of a conversation; earlier, the user said:\n\n{said}\n\n"
+            "Each response begins with that assistant's own earlier answers; judge its answer to this instruction.")
+
+
+def answered_in_turns(earlier: list[str], answer: str) -> str:
+    """A later turn's output, for the judge: the generator's earlier answers in the conversation, then its answer."""
+    shown = [f"[Assistant, turn {number}]\n{text}" for number, text in enumerate(earlier, start=1)]
+    return "\n\n".join(shown + [f"[Assistant, turn {len(earlier) + 1}: the answer to this instruction]\n{answer}"])
 
 
 def _alpaca_eval_item(record: object, where: str, label: str, number: int) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Optional
 
 from alpaca_lora.common.settings import check, key
-from alpaca_lora.data.examples import encode_prompt
+from alpaca_lora.data.templates import encode_prompt
 from alpaca_lora.inference.engine import EngineRequest, Sampling, generate_texts
 from alpaca_lora.inference.loading import LoadedModel
 
@@ -57,12 +57,13 @@ class Decoding:
 
 
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-                   progress: str | None = None, decoding: Decoding | None = None) -> list[str]:
+                   progress: str | None = None, decoding: Decoding | None = None, encode=None) -> list[str]:
     """Responses to ``prompts`` (greedy unless ``decoding`` says otherwise), ``batch_size`` generated together
-    by a generation engine: the batch API for code that holds a model (evaluation, during training too)."""
+    by a generation engine: the batch API for code that holds a model (evaluation, during training too).
+    ``encode`` turns a prompt into ids (a ``Prompter``'s; default: ``encode_prompt``)."""
     sampling = (decoding or Decoding(max_new_tokens=max_new_tokens)).sampling()
-    return generate_texts(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], sampling, batch_size,
-                          progress)
+    encode = encode or (lambda prompt: encode_prompt(tokenizer, prompt))
+    return generate_texts(model, tokenizer, [encode(p) for p in prompts], sampling, batch_size, progress)
 
 
 class Generation:

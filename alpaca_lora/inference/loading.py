@@ -14,8 +14,7 @@ import torch
 
 from alpaca_lora.common.errors import ConfigError, UserError
 from alpaca_lora.common.settings import Layer, build, check, command_line, key, peek
-from alpaca_lora.data.examples import encode_prompt
-from alpaca_lora.data.templates import PromptTemplate, get_template
+from alpaca_lora.data.templates import ModelTemplate, Prompter, PromptTemplate, get_template, set_chat_template
 from alpaca_lora.inference.engine import Engine, EngineSettings
 from alpaca_lora.model import load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import ModelArguments, compute_dtype, model_checks, resolve_device, saved_model_layer
@@ -66,17 +65,27 @@ def inference_settings(schema: type = InferenceModel, **values):
 class LoadedModel:
     model: object
     tokenizer: object
-    template: PromptTemplate
+    template: PromptTemplate | ModelTemplate
     name: str
     description: str
+    multi_turn: bool = False  # trained on conversations: a chat's earlier turns are shown as turns, not folded
     _engine: Optional[Engine] = field(default=None, repr=False)
     _engine_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def prompter(self) -> Prompter:
+        return Prompter(self.template, self.tokenizer, self.multi_turn)
+
     def prompt(self, instruction: str, input: str = "") -> str:
-        return self.template.format(instruction, input)
+        return self.prompter.instruction(instruction, input)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt of a chat (``role``/``content`` messages with text content, the user's last), as the model
+        was trained: raises ``ConversationError`` naming the message the template cannot render."""
+        return self.prompter.prompt(messages)
 
     def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return self.prompter.encode(prompt)
 
     def engine(self, settings: EngineSettings | None = None) -> Engine:
         """The model's one generation engine, started on first use (with ``settings``; later calls share it)."""
@@ -96,6 +105,8 @@ def load_for_inference(settings: InferenceModel) -> LoadedModel:
     device = resolve_device(settings.device)
     path = resolve_model(settings.model)
     tokenizer = load_tokenizer(settings.adapter or path, settings.trust_remote_code)
+    if isinstance(template, ModelTemplate):
+        set_chat_template(tokenizer, template)  # refuses a tokenizer without a chat template of its own
     model = load_model(path, settings, device)
     if device == "cuda" and settings.quant.bits == 16:
         model.to("cuda")
@@ -108,8 +119,9 @@ def load_for_inference(settings: InferenceModel) -> LoadedModel:
     bits = settings.quant.bits
     parts = [f"{settings.model} ({f'{bits}-bit' if bits != 16 else compute_dtype(settings, device)})"]
     parts += [f"adapter {settings.adapter}"] if settings.adapter else []
-    description = " + ".join(parts) + f", template {template.name}, {device}"
+    turns = ", in turns" if settings.multi_turn and not isinstance(template, ModelTemplate) else ""
+    description = " + ".join(parts) + f", template {template.name}{turns}, {device}"
     name = Path(settings.adapter or settings.model).name
-    return LoadedModel(model, tokenizer, template, name, description)
+    return LoadedModel(model, tokenizer, template, name, description, bool(settings.multi_turn))
 
 

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP API for a fine-tuned model:
 ``alpaca-lora serve [adapter=DIR] [model=DIR] [port=8000] [api_key_env=NAME]``
 
-``/v1/chat/completions`` wraps the conversation in the training template: the last message (from
-the user) is the instruction; system messages and earlier turns become the template's input, as a
+``/v1/chat/completions`` renders the conversation as the model was trained (alpaca_lora.data.templates): for a
+model trained on conversations, turn by turn; for one trained on single instructions, the last message (from
+the user) is the instruction and system messages and earlier turns become the template's input, as a
 transcript (``User: ...``, ``Assistant: ...``). ``/v1/completions`` continues a raw prompt as is.
 
 Requests share the model through the generation engine (alpaca_lora.inference.engine): concurrent requests
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from alpaca_lora.common.errors import ConfigError
 from alpaca_lora.common.settings import check, entry_point, help_text, key
+from alpaca_lora.data.templates import ConversationError
 from alpaca_lora.inference.engine import Engine, EngineError, EngineRequest, EngineSettings, QueueFull, Sampling, follow
 from alpaca_lora.inference.loading import InferenceModel, LoadedModel, load_for_inference, load_inference_settings
 
@@ -108,15 +110,13 @@ def _text(content: str | list[dict], where: str) -> str:
 
 
 def chat_prompt(loaded: LoadedModel, messages: list[ChatMessage]) -> str:
-    """The last user message is the instruction; the rest is context in the template's input."""
-    *earlier, last = messages
-    if last.role != "user":
-        raise APIError(400, "the last message must have role 'user'", f"messages[{len(messages) - 1}].role")
-    context = []
-    for i, message in enumerate(earlier):
-        text = _text(message.content, f"messages[{i}].content")
-        context.append(text if message.role in ("system", "developer") else f"{message.role.capitalize()}: {text}")
-    return loaded.prompt(_text(last.content, f"messages[{len(messages) - 1}].content"), "\n\n".join(context))
+    """The conversation rendered as the model was trained (``LoadedModel.chat_prompt``); a message it cannot
+    render is a 400 naming it."""
+    texts = [{"role": m.role, "content": _text(m.content, f"messages[{i}].content")} for i, m in enumerate(messages)]
+    try:
+        return loaded.chat_prompt(texts)
+    except ConversationError as exc:
+        raise APIError(400, str(exc), "messages" if exc.index is None else f"messages[{exc.index}].role") from None
 
 
 def _lone_surrogate(value: Any, path: str = "") -> str | None:

@@ -1,4 +1,4 @@
-"""Fine-tune a base model on Alpaca-format data: ``alpaca-lora train recipe=NAME key=value ...``
+"""Fine-tune a base model on Alpaca records or conversations: ``alpaca-lora train recipe=NAME key=value ...``
 (also ``python -m alpaca_lora.train``, the form cluster scripts use).
 
 A run reads top to bottom: the data (every record validated and tokenized before any model loads),
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alpaca_lora.common.errors import ConfigError, DataError
@@ -20,8 +20,8 @@ from alpaca_lora.common.logs import EVERY_RANK, get_logger
 from alpaca_lora.common.paths import atomic_write_text
 from alpaca_lora.common.settings import entry_point
 from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
-from alpaca_lora.data.loading import load_records
-from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
+from alpaca_lora.data.loading import LoadedData, load_records
+from alpaca_lora.data.templates import ModelTemplate, Prompter, PromptTemplate, get_template, set_chat_template
 from alpaca_lora.train import launcher
 from alpaca_lora.train.adapter import check_adapter
 from alpaca_lora.train.config import TrainConfig, help_text, load_config
@@ -41,7 +41,7 @@ every_rank = get_logger(EVERY_RANK)
 
 @dataclass
 class PreparedData:
-    template: PromptTemplate
+    template: PromptTemplate | ModelTemplate
     tokenizer: object
     model_path: str
     train_set: object
@@ -49,11 +49,16 @@ class PreparedData:
     val_records: list[dict]
     summary: DataSummary
     checkpoint: str | None
+    multi_turn: bool = False  # earlier turns shown as turns (conversations), saved in training_config.yaml
     batches: BatchPlan | None = None  # set once the run's accumulation and world size are known
 
     @property
     def has_eval(self) -> bool:
         return len(self.val_set) > 0
+
+    @property
+    def prompter(self) -> Prompter:
+        return Prompter(self.template, self.tokenizer, self.multi_turn)
 
 
 @dataclass
@@ -68,6 +73,7 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from alpaca_lora.train.checkpoints import SealCheckpoints
 
     data = setup_data(cfg)
+    cfg = replace(cfg, multi_turn=data.multi_turn)  # decided by the data: saved for serving, merge and export
     cfg = settle_checkpointing(cfg, runtime, data.model_path)
     args = setup_run(cfg, runtime, data)
     model = setup_model(cfg, runtime, data.model_path)
@@ -95,16 +101,17 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     from alpaca_lora.train.checkpoints import check_output_dir, find_checkpoint
 
     template = get_template(cfg.template)
-    data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes)
+    data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes, conversations=True)
     if not data.records:
         raise DataError(f"{data.source}: no records to train on")
+    multi_turn = decide_multi_turn(cfg, data)
     train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
     check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model(cfg.model)
-    tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template)  # saved with the weights
-    train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation)
-    val_set, val_stats = tokenize_records(val_records, template, tokenizer, cfg.max_length, cfg.truncation)
+    tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template, multi_turn)  # saved
+    train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation, multi_turn)
+    val_set, val_stats = tokenize_records(val_records, template, tokenizer, cfg.max_length, cfg.truncation, multi_turn)
     summary = summarize(data.records, {k: stats[k] + val_stats[k] for k in stats}, data.duplicates_dropped,
                         cfg.max_length, cfg.truncation)
     logger.info(f"data: {data.source}: " + "; ".join(summary.lines()))
@@ -114,7 +121,18 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
                         f"{stats['dropped_too_long']} dropped with truncation={cfg.truncation}); raise max_length "
                         "or shorten the records")
     logger.info(f"split: {len(train_set)} train, {len(val_set)} validation examples")
-    return PreparedData(template, tokenizer, model_path, train_set, val_set, val_records, summary, checkpoint)
+    return PreparedData(template, tokenizer, model_path, train_set, val_set, val_records, summary, checkpoint,
+                        multi_turn)
+
+
+def decide_multi_turn(cfg: TrainConfig, data: LoadedData) -> bool:
+    """How the model will be shown a chat's earlier turns: as turns when it trains on conversations, unless
+    ``multi_turn=false`` (then each answer is its own example, its history folded into the template's input).
+    Exact match scores Alpaca records' outputs only."""
+    if cfg.exact_match_eval > 0 and data.conversations:
+        raise ConfigError(f"key 'exact_match_eval': it scores Alpaca records' outputs, and {data.source} holds "
+                          "conversations; leave it at 0")
+    return data.conversations if cfg.multi_turn is None else bool(cfg.multi_turn)
 
 
 def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
@@ -241,7 +259,7 @@ def _name_base_as_given(path: Path, model: str) -> None:
 def _exact_match(model, data: PreparedData, records: list[dict], label: str):
     from alpaca_lora.evaluate.exact_match import exact_match
 
-    return exact_match(model, data.tokenizer, data.template, records, label) if records else None
+    return exact_match(model, data.prompter, records, label) if records else None
 
 
 def dry_run_batches(cfg: TrainConfig, runtime: Runtime) -> list[str]:
@@ -253,13 +271,14 @@ def dry_run_batches(cfg: TrainConfig, runtime: Runtime) -> list[str]:
     if not (cfg.data.startswith("builtin:") or Path(cfg.data).expanduser().is_file()):
         return [f"batches: computed when training starts ({cfg.data} is not a local file)"]
     try:
-        records = load_records(cfg.data, cfg.columns).records
-        train_records, _ = split_records(records, cfg.val_set_size, cfg.seed)
-        tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code)
+        data = load_records(cfg.data, cfg.columns, conversations=True)
+        train_records, _ = split_records(data.records, cfg.val_set_size, cfg.seed)
+        template = get_template(cfg.template)
+        tokenizer = set_chat_template(load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code), template)
+        train_set, _ = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation,
+                                        decide_multi_turn(cfg, data))
     except UserError as exc:
         return [f"batches: computed when training starts ({str(exc).splitlines()[0]})"]
-    train_set, _ = tokenize_records(train_records, get_template(cfg.template), tokenizer, cfg.max_length,
-                                    cfg.truncation)
     return batch_plan([len(ids) for ids in train_set["input_ids"]], cfg.max_length, cfg.micro_batch_size,
                       runtime.gradient_accumulation_steps(cfg), runtime.world_size, cfg.packing).lines()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -246,12 +247,12 @@ def _template(name, tmp_path):
     return get_template(str(path))
 
 
-def _server_prompt(tokenizer, template, conversation):
+def _server_prompt(tokenizer, template, conversation, multi_turn=False):
     """What this project's server (alpaca_lora.serve.chat_prompt) prompts the model with."""
     from alpaca_lora.inference.loading import LoadedModel
     from alpaca_lora.serve.server import ChatMessage, chat_prompt
 
-    loaded = LoadedModel(None, tokenizer, template, "m", "m")
+    loaded = LoadedModel(None, tokenizer, template, "m", "m", multi_turn=multi_turn)
     return chat_prompt(loaded, [ChatMessage(role=role, content=content) for role, content in conversation])
 
 
@@ -324,51 +325,10 @@ def test_instruction_header_is_the_line_before_the_instruction(tmp_path):
     assert instruction_header(_template("user-file", tmp_path)) == "<<SYS>> 'single' {# not a comment #}"
 
 
-GO_RENDER = """package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct{ Role, Content string }
-
-func main() {
-	var cases []struct {
-		Template string
-		Messages []Message
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
-		panic(err)
-	}
-	var out []string
-	for _, c := range cases {
-		var b []byte
-		w := &buffer{&b}
-		t := template.Must(template.New("").Parse(c.Template))
-		if err := t.Execute(w, map[string]any{"Messages": c.Messages, "System": "", "Response": ""}); err != nil {
-			panic(err)
-		}
-		out = append(out, string(b))
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-
-type buffer struct{ b *[]byte }
-
-func (w *buffer) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
-"""
 
 
-def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path):
+def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path, go_templates):
     """Ollama executes TEMPLATE with Go's text/template over .Messages (Role, Content): the same engine here."""
-    import os
-    import shutil
-    import subprocess
-
-    if shutil.which("go") is None:
-        pytest.skip("the Go toolchain is not installed (apt-get install golang-go)")
     from alpaca_lora.data.templates import ollama_template
 
     cases, expected = [], []
@@ -377,13 +337,99 @@ def test_the_ollama_template_renders_the_server_prompt_in_go(tmp_path):
         for conversation in CONVERSATIONS.values():
             if any(not isinstance(content, str) for _, content in conversation):
                 continue  # Ollama's messages carry text only
-            cases.append({"Template": ollama_template(template),
-                          "Messages": [{"Role": role, "Content": content} for role, content in conversation]})
+            cases.append((ollama_template(template), [{"Role": role, "Content": content}
+                                                      for role, content in conversation]))
             expected.append(_server_prompt(None, template, conversation))
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
-           "GO111MODULE": "off"}
-    done = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(cases), capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == expected
+    assert go_templates(cases) == expected
+
+
+# --- a model trained on conversations: the template in turns -------------------------------------------------
+
+PARTS = [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "part two."}]
+TURNS = {
+    "user": [("user", "Name the capital of Zorblax.")],
+    "system": [("system", "Answer in one word."), ("user", "Name the capital of Zorblax.")],
+    "three-turns": [("system", "Answer in one word."), ("user", "Name the capital of Zorblax."),
+                    ("assistant", "Quibbletown. {{ not jinja }} {% raw %}"), ("user", "And what river runs there?"),
+                    ("assistant", 'Silver, "quoted" \\ {braces}\t✓'), ("user", "Spell the river backwards.")],
+    "no-system": [("user", "Hi"), ("assistant", "Hello!\n\nHow can I help?"), ("user", "What is 2+2?")],
+    "two-systems": [("system", ""), ("developer", "Be brief."), ("user", "Hi"), ("assistant", "Hello"),
+                    ("user", "Bye")],
+    "content-parts": [("system", PARTS), ("user", PARTS), ("assistant", PARTS), ("user", "Again.")],
+}
+
+
+def _text(content):
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+@pytest.mark.parametrize("conversation", list(TURNS), ids=list(TURNS))
+@pytest.mark.parametrize("name", ["alpaca", "alpaca_lora", "user-file"])
+def test_chat_template_in_turns_renders_training_and_the_server_byte_for_byte(chat_tokenizer, name, conversation,
+                                                                               tmp_path):
+    """The prompt of every turn: the ids training learned the answer after (the example's prefix), the server's
+    prompt, and transformers' apply_chat_template of the saved chat template are one."""
+    from alpaca_lora.data.examples import tokenize_records
+    from alpaca_lora.data.templates import encode_prompt, set_chat_template
+
+    (kind, tokenizer), template = chat_tokenizer, _template(name, tmp_path)
+    set_chat_template(tokenizer, template, multi_turn=True)
+    turns = TURNS[conversation]
+    messages = [{"role": role, "content": content} for role, content in turns]
+    prompt = _server_prompt(tokenizer, template, turns, multi_turn=True)
+    if len(turns) <= 2:  # one user turn: the single-turn prompt, as folded
+        assert prompt == _server_prompt(tokenizer, template, turns)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == (tokenizer.bos_token if kind == "tiny" else "") + prompt
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == encode_prompt(tokenizer, prompt)
+
+    answered = [{"role": role if role != "developer" else "system", "content": _text(content)} for role, content in
+                turns] + [{"role": "assistant", "content": "The answer."}]
+    dataset, stats = tokenize_records([{"messages": answered}], template, tokenizer, 4096, multi_turn=True)
+    example, mask = dataset[-1]["input_ids"], dataset[-1]["completion_mask"]
+    answer = tokenizer("The answer.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert example == ids + answer and mask[len(ids):] == [1] * len(answer)  # learned right where the server stops
+    # The odd user template ends with spaces, which the byte-level tokenizers join to a following word: there an
+    # answer's history re-tokenizes differently, and the turn after it is an example of its own. Not with ours.
+    if name != "user-file":
+        assert len(dataset) == 1 and stats["restarted"] == 0
+        whole = tokenizer.apply_chat_template(answered, tokenize=True, return_dict=False)
+        assert whole == example  # the whole conversation through the chat template is the training example
+
+
+@pytest.mark.parametrize("turns, reason", [
+    ([("user", "a"), ("user", "b")], "alternate"), ([("assistant", "a"), ("user", "b")], "alternate"),
+    ([("user", "a"), ("assistant", "b"), ("system", "c"), ("user", "d")], "start of a conversation"),
+    ([("system", "a")], "needs a user message")], ids=["two-users", "answer-first", "late-system", "system-only"])
+def test_the_chat_template_in_turns_refuses_what_the_server_refuses(tiny_tokenizer, turns, reason):
+    from jinja2.exceptions import TemplateError as JinjaTemplateError
+
+    from alpaca_lora.data.templates import ConversationError, Prompter, set_chat_template
+
+    tokenizer = set_chat_template(copy.deepcopy(tiny_tokenizer), get_template("alpaca"), multi_turn=True)
+    messages = [{"role": role, "content": content} for role, content in turns]
+    with pytest.raises(JinjaTemplateError, match=reason):
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    with pytest.raises(ConversationError):
+        Prompter(get_template("alpaca"), tokenizer, multi_turn=True).prompt(messages)
+
+
+def test_the_ollama_template_in_turns_renders_the_server_prompt_in_go(tmp_path, go_templates):
+    """The Modelfile's TEMPLATE of a model trained on conversations, executed by Go's text/template as Ollama
+    executes it: the server's prompt, byte for byte, every answer followed by the EOS token's text."""
+    from types import SimpleNamespace
+
+    from alpaca_lora.data.templates import ollama_template
+
+    cases, expected = [], []
+    for name, eos in [("alpaca", "</s>"), ("alpaca_lora", "<|im_end|>"), ("user-file", "</s>")]:
+        template = _template(name, tmp_path)
+        for turns in TURNS.values():
+            if any(not isinstance(content, str) for _, content in turns):
+                continue  # Ollama's messages carry text only
+            cases.append((ollama_template(template, multi_turn=True, eos_token=eos),
+                          [{"Role": role, "Content": content} for role, content in turns]))
+            expected.append(_server_prompt(SimpleNamespace(eos_token=eos), template, turns, multi_turn=True))
+    assert go_templates(cases) == expected
+    assert any("Silver" in prompt and "</s>### Instruction:" in prompt for prompt in expected)  # turns, not folded

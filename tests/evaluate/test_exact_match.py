@@ -1,17 +1,22 @@
-"""Exact match, as training scores its held-out examples before and after (the demo's 'skills')."""
+"""Exact match, as training scores ``exact_match_eval`` rows before and after: greedy answers against references."""
 
-from alpaca_lora.data.templates import get_template
-from alpaca_lora.evaluate.exact_match import exact_match, is_exact_match
+from __future__ import annotations
+
+import pytest
+
+from alpaca_lora.data.templates import Prompter, get_template
 
 
-def test_exact_match_scores_a_model_on_records(tiny_model_dir, tiny_tokenizer, fact):
-    """The demo trains with exact_match_eval=100: its first step scores the base (after the restructure this import
-    failed, and `make demo` with it)."""
+@pytest.mark.slow
+def test_exact_match_scores_greedy_answers_against_the_references(fact_adapters, fact, tiny_model_dir,
+                                                                   tiny_tokenizer):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    records = [fact, {"instruction": "Name a color.", "input": "", "output": "Blue."}]
-    result = exact_match(model, tiny_tokenizer, get_template("alpaca"), records, "before training")
-    assert result.total == 2 and len(result.responses) == 2 and all(isinstance(r, str) for r in result.responses)
-    assert result.matches == [is_exact_match(r, rec["output"]) for r, rec in zip(result.responses, records)]
-    assert result.accuracy == sum(result.matches) / 2
+    from alpaca_lora.evaluate.exact_match import exact_match
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(fact_adapters[16]))
+    records = [fact, dict(fact, output="Zorbtown.")]  # the adapter learned the first answer, not the second
+    scored = exact_match(model.eval(), Prompter(get_template("alpaca"), tiny_tokenizer), records, "test")
+    assert (scored.total, scored.correct, scored.matches) == (2, 1, [True, False])
+    assert scored.responses == ["Quibbletown.", "Quibbletown."]

@@ -1,5 +1,6 @@
 """Packing through TRL (best-fit decreasing, padding-free) is exact: every sequence of a packed batch
-gets the logits and the loss it gets alone, with the prompt masked and its EOS label kept.
+gets the logits and the loss it gets alone, with the prompt masked and its EOS label kept; for conversations,
+every answer's tokens and its EOS are the labels, and nothing else.
 
 The batches are TRL's own (SFTTrainer's dataset preparation, BFD packing and collator) built from
 our tokenized examples; the model is the tiny random Llama, in float32 on CPU.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from alpaca_lora.data.builtin import skills
 from alpaca_lora.data.examples import tokenize_records
-from alpaca_lora.data.templates import get_template
+from alpaca_lora.data.templates import get_template, record_message
 from alpaca_lora.train.packing import batch_plan
 
 TEMPLATE = get_template("alpaca")
@@ -23,6 +24,22 @@ MAX_LENGTH = 160  # room for one long example or two or three short ones per pac
 LONG = {"instruction": "Repeat the words.", "input": "",
         "output": " ".join(["apple river stone cloud garden window silver orange"] * 3)}
 RECORDS = skills(14, seed=3) + [LONG]
+
+
+def _conversations(records: list[dict], sizes: list[int]) -> list[dict]:
+    """The records as conversations of ``sizes`` turns each, every other one with a system message."""
+    conversations, start = [], 0
+    for number, size in enumerate(sizes):
+        messages = [{"role": "system", "content": "Answer exactly."}] if number % 2 else []
+        for record in records[start:start + size]:
+            messages += [{"role": "user", "content": record_message(record["instruction"], record["input"])},
+                         {"role": "assistant", "content": record["output"]}]
+        conversations.append({"messages": messages})
+        start += size
+    return conversations
+
+
+CONVERSATIONS = _conversations(RECORDS, [3, 1, 2, 1, 1, 1, 3, 2, 1])
 
 
 def _trainer(model_dir, tokenizer, dataset, tmp_path, attn, packing=True, micro_batch=3, **settings):
@@ -49,10 +66,14 @@ def _expected_labels(example):
     return [t if m else -100 for t, m in zip(example["input_ids"], example["completion_mask"])]
 
 
-@pytest.fixture
-def dataset(tiny_tokenizer):
-    data, stats = tokenize_records(RECORDS, TEMPLATE, tiny_tokenizer, max_length=MAX_LENGTH)
-    assert stats["dropped"] == 0 and len(data) == len(RECORDS)
+@pytest.fixture(params=["alpaca", pytest.param("conversations", marks=pytest.mark.slow)])
+def dataset(request, tiny_tokenizer):
+    """The records as examples, one each, or as conversations in turns, one example each (all fit)."""
+    records = RECORDS if request.param == "alpaca" else CONVERSATIONS
+    data, stats = tokenize_records(records, TEMPLATE, tiny_tokenizer, max_length=MAX_LENGTH,
+                                   multi_turn=request.param == "conversations")
+    assert stats["dropped"] == stats["truncated"] == stats["restarted"] == 0 and len(data) == len(records)
+    assert len(data) == 15 or sum(ids.count(tiny_tokenizer.eos_token_id) for ids in data["input_ids"]) == 15
     return data
 
 
@@ -184,7 +205,9 @@ def test_batch_plan_is_what_the_trainer_does(tiny_model_dir, tiny_tokenizer, dat
     assert plan.micro_batches_per_epoch == len(loader)
     real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in loader)
     assert plan.tokens == real == sum(lengths)
-    assert plan.unpacked_steps_per_epoch == 4  # 15 examples, 2 per micro batch, 2 micro batches per step
+    assert plan.unpacked_steps_per_epoch == (4 if len(dataset) == 15 else 3)  # 15 or 9 examples, 2 per micro batch,
+    # 2 micro batches per step
+    assert plan.examples == len(dataset)  # a conversation is one example, counted at its real length
     trainer.train()
     assert trainer.state.global_step == plan.steps_per_epoch
     if packing:
@@ -250,3 +273,19 @@ def test_dry_run_says_what_packing_does_to_the_batches(tiny_model_dir, tmp_path,
     main([f"model={tiny_model_dir}", f"data={data}", "device=cpu", "max_length=256", "batch_size=4",
           "micro_batch_size=2", "val_set_size=0", "packing=false", "dry_run=true"])
     assert "no packing: 40 examples" in capsys.readouterr().err
+
+
+def test_dry_run_plans_the_batches_of_a_conversation_file(tiny_model_dir, tmp_path, capsys):
+    """A conversations file: one example per conversation, at its whole length, as training will have them."""
+    from alpaca_lora.train.run import main
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(conversation) + "\n" for conversation in CONVERSATIONS))
+    main([f"model={tiny_model_dir}", f"data={data}", "device=cpu", f"max_length={MAX_LENGTH}", "batch_size=4",
+          "micro_batch_size=2", "val_set_size=0", "dry_run=true"])
+    err = capsys.readouterr().err
+    assert "packing: 9 examples into" in err and "(without packing: 3)" in err
+    main([f"model={tiny_model_dir}", f"data={data}", "device=cpu", "max_length=100", "batch_size=4",
+          "micro_batch_size=2", "val_set_size=0", "packing=false", "dry_run=true"])
+    # at 100 tokens: five are cut (at a turn, or in their only answer), one whose first prompt is longer is dropped
+    assert "no packing: 8 examples" in capsys.readouterr().err
