@@ -123,11 +123,11 @@ def test_an_endpoint_that_keeps_failing_stops_the_run_resumably(seeds, tmp_path,
 
 def test_max_requests_stops_cleanly_and_a_resume_continues_the_count(seeds, tmp_path):
     with ScriptedOpenAI(default=task_replies()) as server:
-        assert build(server, seeds, tmp_path, "max_requests=3", "concurrency=2") == 0
+        assert build(server, seeds, tmp_path, "max_requests=3", "concurrency=2") == 3  # stopped at a limit: rerun
         first, first_records, _ = outputs(tmp_path)
         assert (first["stop_reason"], first["requests"], len(first_records)) == ("max_requests", 3, 51)
         assert not first["complete"] and first["projected_cost_usd_for_target"] > 0
-        assert build(server, seeds, tmp_path, "max_requests=5", "concurrency=2") == 0
+        assert build(server, seeds, tmp_path, "max_requests=5", "concurrency=2") == 3
     second, records, journal = outputs(tmp_path)
     assert (second["requests"], len(records), len(server.received)) == (5, 85, 5)
     assert records[:51] == first_records
@@ -138,7 +138,7 @@ def test_max_cost_stops_before_the_spend_would_pass_it(seeds, tmp_path):
     # At $1000 per million tokens a request of ~550 tokens costs about $0.55.
     with ScriptedOpenAI(default=task_replies()) as server:
         assert build(server, seeds, tmp_path, "max_cost=2.0", "price_input=1000", "price_output=1000",
-                     "concurrency=4") == 0
+                     "concurrency=4") == 3  # stopped before the spend would pass it
     summary, records, _ = outputs(tmp_path)
     per_request = summary["cost_usd"] / summary["requests"]
     assert summary["stop_reason"] == "max_cost" and summary["cost_usd"] <= 2.0 < summary["cost_usd"] + per_request

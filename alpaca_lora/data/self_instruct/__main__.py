@@ -7,7 +7,6 @@ the first request. Every finished request is journaled, so the same command resu
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from alpaca_lora.data.self_instruct.settings import TOOL, BuilderConfig, load_bu
 from alpaca_lora.data.self_instruct.tasks import DEFAULT_PROMPT, load_seed_tasks
 from alpaca_lora.data.templates import get_template
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
+from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 
-EXIT_CODES = {"interrupted": 130, "endpoint_failing": 1}
 log = get_logger(__name__).info
 
 
@@ -57,7 +56,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
     if entries:
         log(f"resuming: {job.done()} records from {totals.requests} earlier requests")
 
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a scheduler's preemption, `kill`: stop cleanly
+    stop_on_sigterm()  # a scheduler's preemption, `kill`: stop cleanly
     started = time.monotonic()
     budget = cfg.budget()
     stop = run_requests(job, teacher, journal, budget, totals, cfg.mode, desc=cfg.mode)
@@ -79,7 +78,7 @@ def ask_teacher(cfg: BuilderConfig) -> int:
     elif not job.finished():
         log("run the same command again to continue")
     log(f"summary: {cfg.summary_path}")
-    return EXIT_CODES.get(stop, 0)
+    return exit_code(stop)
 
 
 def clean(cfg: BuilderConfig) -> int:
@@ -94,10 +93,6 @@ def clean(cfg: BuilderConfig) -> int:
             log(f"  {kind:<8} {reason:<28} {n}")
     log(f"report with examples: {report_path}")
     return 0
-
-
-def _stop_like_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _read_prompt(path: str | None) -> str:
