@@ -175,6 +175,18 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(smol_lla
     assert GGUFReader(output).get_field("general.architecture").contents() == "llama"
 
 
+def test_relative_paths_work_from_the_users_working_directory(demo_adapter, llama_cpp, tmp_path, monkeypatch):
+    """The documented command, ``export format=gguf adapter=outputs/demo output=outputs/demo.gguf``, run from the
+    directory holding outputs/: the converter runs in its own working directory, so it must be handed absolute
+    paths (it failed: ``outputs/.demo.gguf.partial-.../vocab is not a directory``)."""
+    shutil.copytree(demo_adapter, tmp_path / "outputs" / "demo")
+    (tmp_path / "llama.cpp").symlink_to(llama_cpp)
+    monkeypatch.chdir(tmp_path)
+    assert main(["format=gguf", "adapter=outputs/demo", "output=outputs/demo.gguf", "llama_cpp=llama.cpp"]) == 0
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["demo", "demo.Modelfile", "demo.gguf"]
+    assert field(GGUFReader(tmp_path / "outputs" / "demo.gguf"), "general.architecture") == "llama"
+
+
 def _error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stopped:
         main(args)

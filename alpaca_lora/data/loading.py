@@ -9,8 +9,6 @@ out as ``{instruction, input, output}``.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 
 from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.jsonfiles import parse_json, parse_json_lines, read_text
-from alpaca_lora.common.paths import cache_dir
+from alpaca_lora.common.paths import atomic_path, cache_dir
 
 FIELDS = ("instruction", "input", "output")
 # Far above any instruction data set served as one file (Stanford's alpaca_data.json is 22 MB), far
@@ -143,10 +141,8 @@ def download(url: str, read: Callable[[Path, str], T], max_bytes: int = MAX_DOWN
         except DataError as exc:
             raise DataError(f"{exc}; if the file at the URL has changed since, delete the cached copy to "
                             "download it again") from None
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=f"-{target.name}")
-    tmp = Path(tmp)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:  # renamed into the cache only once read without error
+        with tmp.open("wb") as out:
             _stream(url, out, max_bytes, target.name.partition("-")[2])
         with tmp.open("rb") as f:
             if f.read(512).lstrip()[:1] == b"<":
@@ -156,10 +152,7 @@ def download(url: str, read: Callable[[Path, str], T], max_bytes: int = MAX_DOWN
             result = read(tmp, url)
         except DataError as exc:
             raise DataError(f"{exc}; nothing was cached") from None
-        os.replace(tmp, target)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+    return result
 
 
 def download_path(url: str) -> Path:

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora.common.errors import ConfigError, DataError
 from alpaca_lora.common.logs import EVERY_RANK, get_logger
-from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.paths import atomic_write_text, plain_permissions
 from alpaca_lora.common.settings import entry_point
 from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.templates import PromptTemplate, get_template, set_chat_template
 from alpaca_lora.train import launcher
 from alpaca_lora.train.adapter import check_adapter
-from alpaca_lora.train.config import TrainConfig, help_text, load_config
+from alpaca_lora.train.config import TrainConfig, help_text, load_config, warmup_problem
 from alpaca_lora.train.packing import BatchPlan, batch_plan
 from alpaca_lora.train.runtime import (
     Runtime,
@@ -94,13 +95,17 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     from alpaca_lora.model import load_tokenizer, resolve_model
     from alpaca_lora.train.checkpoints import check_output_dir, find_checkpoint
 
+    check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg)  # before the data: a download or tokenization would be wasted on a typo
     template = get_template(cfg.template)
     data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes)
     if not data.records:
         raise DataError(f"{data.source}: no records to train on")
-    train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
-    check_output_dir(cfg)
-    checkpoint = find_checkpoint(cfg)
+    try:
+        train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
+    except DataError as exc:  # the recipes' 2000 rows (Stanford's split of 52K) against a small set of one's own
+        raise ConfigError(f"key 'val_set_size': {data.source}: {exc}; a fraction (val_set_size=0.05) or 0 (no "
+                          "validation split) fits any size") from None
     model_path = resolve_model(cfg.model)
     tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template)  # saved with the weights
     train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation)
@@ -135,6 +140,11 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
                               cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg), runtime.world_size,
                               cfg.packing)
     logger.info("; ".join(data.batches.lines()))
+    if cfg.max_steps < 1:  # an epoch run's length is known now (max_steps was checked with the settings)
+        steps = math.ceil(cfg.num_epochs * data.batches.steps_per_epoch)
+        short_run = warmup_problem(cfg.warmup, steps, f"the run's {steps} steps ({cfg.num_epochs:g} epochs)")
+        if short_run:
+            raise ConfigError(f"key 'warmup': {short_run}")
     try:  # SFTConfig checks its own fields
         args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
     except ValueError as exc:
@@ -214,6 +224,8 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))  # every rank takes part in gathering; only rank 0 writes
     if trainer.is_world_process_zero():
+        plain_permissions(*output_dir.glob("*.safetensors"))  # safetensors writes 0600 whatever the umask
+        atomic_write_text(output_dir / "README.md", model_card(cfg, data, trainer.state.global_step))
         if full:
             metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
         else:
@@ -226,6 +238,25 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
             f"adapter: {output_dir / 'adapter_model.safetensors'}"
         logger.info(f"{weights}; loss curve: {output_dir / 'loss.png'}; metrics: {output_dir / 'metrics.json'}")
     return TrainResult(output_dir, metrics, trainer)
+
+
+def model_card(cfg: TrainConfig, data: PreparedData, steps: int) -> str:
+    """The README.md beside the weights, in place of TRL's, which names a base on disk "[None](https://huggingface.co/
+    None)": the base as given, the run in one sentence, and the commands that use it."""
+    on_hub = data.model_path == cfg.model and not Path(cfg.model).expanduser().exists()
+    base = f"[{cfg.model}](https://huggingface.co/{cfg.model})" if on_hub else f"`{cfg.model}`"
+    kind = "A full fine-tune of" if cfg.finetune == "full" else \
+        f"A LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, on {', '.join(cfg.lora.target_modules)}) for"
+    use = f"model={cfg.output_dir}" if cfg.finetune == "full" else f"adapter={cfg.output_dir}"
+    front = ([f"base_model: {cfg.model}"] if on_hub else []) + \
+        ([] if cfg.finetune == "full" else ["library_name: peft"]) + ["tags: [alpaca-lora, sft, trl]"]
+    return "\n".join([
+        "---", *front, "---", "", f"# {Path(cfg.output_dir).name}", "",
+        f"{kind} {base}, trained with alpaca-lora (recipe `{cfg.recipe}`) on `{cfg.data}`: {len(data.train_set)} "
+        f"training examples, {steps} optimizer steps, prompted with the `{cfg.template}` template. "
+        "`training_config.yaml` holds every setting of the run, `metrics.json` its results.", "",
+        "```bash", f'alpaca-lora generate {use} instruction="..."',
+        *([] if cfg.finetune == "full" else [f"alpaca-lora merge {use} output={cfg.output_dir}-merged"]), "```", ""])
 
 
 def _exact_match(model, data: PreparedData, records: list[dict], label: str):
