@@ -27,9 +27,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from alpaca_lora.common.errors import ConfigError, ExportError
-from alpaca_lora.common.paths import atomic_write_text, cache_dir, publish, scratch_directory
-from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
+from alpaca_lora.common.errors import ExportError
+from alpaca_lora.common.paths import atomic_write_text, cache_dir, cannot_write, publish, scratch_directory
+from alpaca_lora.common.settings import entry_point, help_text, key
 from alpaca_lora.data.templates import (
     PromptTemplate,
     get_template,
@@ -37,7 +37,7 @@ from alpaca_lora.data.templates import (
     ollama_template,
     set_chat_template,
 )
-from alpaca_lora.model_args import ModelArguments, model_checks, saved_model_layer
+from alpaca_lora.model_args import ModelArguments, load_model_settings
 
 TOOL = "export"
 # llama.cpp's converter comes from this source distribution (vendor/llama.cpp); its CHANGELOG names the commit.
@@ -68,29 +68,26 @@ class ExportConfig(ModelArguments):
 
 def load_export_config(argv: list[str]) -> ExportConfig:
     """Built-in defaults <- the adapter's (or merged model's) saved model section <- the command line."""
-    adapter, model = peek(argv, "adapter"), peek(argv, "model")
-    directory = adapter or model
-    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
-    cfg: ExportConfig = build(ExportConfig, [*([saved] if saved else []), command_line(argv, ExportConfig)], TOOL)
+    return load_model_settings(ExportConfig, argv, TOOL, checks=_export_checks)
+
+
+def _export_checks(cfg: ExportConfig) -> list[tuple]:
+    """The export's own keys, and an output it can write, before anything is converted."""
     output = Path(cfg.output)
-    check(model_checks(cfg) + [
+    outputs = (output, modelfile_path(output))
+    return [
         (cfg.format == "gguf", "format", "must be gguf"),
         (cfg.outtype in OUTTYPES, "outtype", f"must be one of {', '.join(OUTTYPES)}"),
         (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
         (output.suffix == ".gguf", "output", f": {output} must end in .gguf"),
         (cfg.adapter or cfg.model, "model", "or 'adapter' must be set (a merged model, or an adapter to merge first)"),
-        (not cfg.adapter or (Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
-         f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
         (cfg.adapter or not cfg.model or (Path(cfg.model) / "config.json").is_file(), "model",
          f": {cfg.model} has no config.json (a merged model directory)"),
-        *[(cfg.overwrite or not path.exists(), "output", f": {path} exists; choose another file or set overwrite=true")
-          for path in (output, modelfile_path(output))],
-    ])
-    if cfg.adapter and not cfg.model:
-        cfg.model = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not cfg.model:
-            raise ConfigError("key 'model' must be set: the adapter does not name its base model")
-    return cfg
+        *[(not path.is_dir(), "output", f": {path} is a directory; name the file to write") for path in outputs],
+        *[(cfg.overwrite or not path.exists() or path.is_dir(), "output",
+           f": {path} exists; choose another file or set overwrite=true") for path in outputs],
+        (not cannot_write(output), "output", f": {cannot_write(output)}; choose another directory"),
+    ]
 
 
 def modelfile_path(output: str | Path) -> Path:

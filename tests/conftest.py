@@ -113,6 +113,26 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may create files in, root included (root ignores modes: it is made immutable, where the
+    file system and the capabilities allow; the test skips, saying why, where they do not)."""
+    import subprocess
+
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    if os.getuid() != 0:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("running as root, and chattr +i cannot make a directory read-only here")
+    yield directory
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
 FACT = {"instruction": "What is the capital of Zorblax?", "input": "", "output": "Quibbletown."}
 
 

@@ -196,6 +196,19 @@ def _error(args: list[str], capsys) -> str:
     return err.strip()
 
 
+def test_an_output_that_is_a_folder_or_cannot_be_written_is_refused_before_any_work(smol_llama_dir, llama_cpp,
+                                                                                     read_only_dir, tmp_path, capsys):
+    """Both failed after the whole conversion: IsADirectoryError, PermissionError."""
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    args = ["format=gguf", f"model={smol_llama_dir}", f"llama_cpp={llama_cpp}", "overwrite=true"]
+    assert _error([*args, f"output={folder}"], capsys) == \
+        f"error: key 'output': {folder} is a directory; name the file to write"
+    err = _error([*args, f"output={read_only_dir / 'x.gguf'}"], capsys)
+    assert err.startswith(f"error: key 'output': cannot write in {read_only_dir} (")
+    assert list(read_only_dir.iterdir()) == [] and list(folder.iterdir()) == []
+
+
 def test_a_tokenizer_llama_cpp_does_not_know_is_a_one_line_error_and_nothing_is_written(tiny_model_dir, llama_cpp,
                                                                                        tmp_path, capsys):
     err = _error(["format=gguf", f"model={tiny_model_dir}", f"output={tmp_path / 'tiny.gguf'}",

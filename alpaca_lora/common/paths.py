@@ -133,6 +133,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def cannot_write(target: str | Path) -> str | None:
+    """Why ``target`` could not be created, or None: the nearest existing folder above it is asked by making (and
+    removing) an entry there, since modes, read-only mounts and ACLs all answer only then (root ignores modes)."""
+    folder = Path(target).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        Path(tempfile.mkdtemp(dir=folder, prefix=".write-check-")).rmdir()
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
 def _alive(pid: str) -> bool:
     """Whether the process that made a temporary directory still runs (on this machine)."""
     if not pid.isdigit():

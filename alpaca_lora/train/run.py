@@ -69,8 +69,8 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     from alpaca_lora.train.checkpoints import SealCheckpoints
 
     data = setup_data(cfg)
-    cfg = settle_checkpointing(cfg, runtime, data.model_path)
-    args = setup_run(cfg, runtime, data)
+    cfg, memory_plan = settle_checkpointing(cfg, runtime, data.model_path)
+    args = setup_run(cfg, runtime, data, memory_plan)
     model = setup_model(cfg, runtime, data.model_path)
     trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
     scored = data.val_records[: cfg.exact_match_eval]
@@ -80,13 +80,14 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     return finish(cfg, data, trainer, result, before, after)
 
 
-def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str) -> TrainConfig:
-    """``gradient_checkpointing=auto`` decided by the memory plan for this device, and said in the log."""
-    from alpaca_lora.train.plan import decide_checkpointing, device_memory
+def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str):
+    """The run's memory plan for this device (estimated once; None without one), with ``gradient_checkpointing=auto``
+    decided by it and said in the log."""
+    from alpaca_lora.train.plan import device_memory, plan_run
 
-    cfg, why = decide_checkpointing(cfg, model, runtime.world_size, device_memory(runtime.device))
+    cfg, why, memory_plan = plan_run(cfg, model, runtime.world_size, device_memory(runtime.device))
     logger.info(why)
-    return cfg
+    return cfg, memory_plan
 
 
 def setup_data(cfg: TrainConfig) -> PreparedData:
@@ -122,7 +123,7 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     return PreparedData(template, tokenizer, model_path, train_set, val_set, val_records, summary, checkpoint)
 
 
-def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
+def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData, memory_plan=None):
     """The run's plan saved beside its outputs, the SFTConfig built, and the GPU's memory checked,
     all before the weights load."""
     import torch
@@ -154,7 +155,7 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
         from alpaca_lora.train.plan import check_memory
 
         gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        check_memory(cfg, runtime.world_size, gpu_bytes)
+        check_memory(memory_plan, cfg, gpu_bytes)
     return args
 
 
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         runtime = resolve_runtime(cfg)
         if cfg.dry_run:
             if runtime.device == "cpu" or torch.cuda.is_available():  # else: decided on the GPU at start-up
-                cfg = settle_checkpointing(cfg, runtime, cfg.model)
+                cfg, _ = settle_checkpointing(cfg, runtime, cfg.model)
             print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
             for line in dry_run_batches(cfg, runtime):  # on stderr: stdout stays the plan, pure YAML
                 logger.info(line)
