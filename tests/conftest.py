@@ -178,6 +178,32 @@ def demo_model_dir() -> Path:
     return Path(resolve_model(DEMO_MODEL))
 
 
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """llama.cpp's converter from the pinned llama-cpp-python sources, fetched through pip once per machine
+    (session fixtures are set up before the per-test cache, so this is the user's cache)."""
+    from alpaca_lora.common.errors import ExportError
+    from alpaca_lora.export import converter_dir
+
+    try:
+        return converter_dir()
+    except ExportError as exc:
+        pytest.skip(f"llama.cpp's converter could not be fetched (is PyPI reachable?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def smol_llama_dir(demo_model_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
+    it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
+    from alpaca_lora.model import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("smol-llama")
+    tokenizer = load_tokenizer(str(demo_model_dir))
+    _build_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,37 +18,15 @@ from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.common.errors import ExportError
 from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import chat_template, get_template, ollama_template
-from alpaca_lora.export import converter_dir, fetch_sdist, main
+from alpaca_lora.export import fetch_sdist, main
 from alpaca_lora.model import load_tokenizer
 
 # f16 rounds every weight once: the GGUF's logits may differ from the float32 model's by this much,
 # relative to the largest |logit| (measured: about 1e-3 for the tiny random Llama and the demo model).
 F16_RELATIVE_TOLERANCE = 1e-2
 PROMPTS = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!")]
-
-
-@pytest.fixture(scope="session")
-def llama_cpp() -> Path:
-    """llama.cpp's converter from the pinned llama-cpp-python sources, fetched through pip once per machine
-    (session fixtures are set up before the per-test cache, so this is the user's cache)."""
-    try:
-        return converter_dir()
-    except ExportError as exc:
-        pytest.skip(f"llama.cpp's converter could not be fetched (is PyPI reachable?): {exc}")
-
-
-@pytest.fixture(scope="session")
-def smol_llama_dir(demo_model_dir, tmp_path_factory, build_tiny_model) -> Path:
-    """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
-    it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
-    directory = tmp_path_factory.mktemp("smol-llama")
-    tokenizer = load_tokenizer(str(demo_model_dir))
-    build_tiny_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
