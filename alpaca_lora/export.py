@@ -74,7 +74,7 @@ def load_export_config(argv: list[str]) -> ExportConfig:
 def _export_checks(cfg: ExportConfig) -> list[tuple]:
     """The export's own keys, and an output it can write, before anything is converted."""
     output = Path(cfg.output)
-    outputs = (output, modelfile_path(output))
+    outputs, unwritable = (output, modelfile_path(output)), cannot_write(output)
     return [
         (cfg.format == "gguf", "format", "must be gguf"),
         (cfg.outtype in OUTTYPES, "outtype", f"must be one of {', '.join(OUTTYPES)}"),
@@ -86,7 +86,7 @@ def _export_checks(cfg: ExportConfig) -> list[tuple]:
         *[(not path.is_dir(), "output", f": {path} is a directory; name the file to write") for path in outputs],
         *[(cfg.overwrite or not path.exists() or path.is_dir(), "output",
            f": {path} exists; choose another file or set overwrite=true") for path in outputs],
-        (not cannot_write(output), "output", f": {cannot_write(output)}; choose another directory"),
+        (not unwritable, "output", f": {unwritable}; choose another directory"),
     ]
 
 

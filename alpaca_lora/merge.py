@@ -62,16 +62,21 @@ class MergeConfig(ModelArguments):
 
 def load_merge_config(argv: list[str]) -> MergeConfig:
     """Built-in defaults <- the adapter's saved model section (its base, bits, template) <- the command line."""
-    cfg: MergeConfig = load_model_settings(MergeConfig, argv, TOOL, checks=lambda cfg: [
-        (cfg.dtype == "auto" or cfg.dtype in DTYPES, "dtype", f"must be auto or one of {', '.join(DTYPES)}"),
-        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
-        (not cannot_write(cfg.output), "output", f": {cannot_write(cfg.output)}; choose another directory"),
-    ])
+    cfg: MergeConfig = load_model_settings(MergeConfig, argv, TOOL, checks=_merge_checks)
     check(_inputs_the_output_would_destroy(cfg) or [
         (not Path(cfg.output).exists() or cfg.overwrite, "output",
          f": {cfg.output} exists; choose another directory or set overwrite=true"),
     ])
     return cfg
+
+
+def _merge_checks(cfg: MergeConfig) -> list[tuple]:
+    unwritable = cannot_write(cfg.output)  # before the merge, not after it (PermissionError)
+    return [
+        (cfg.dtype == "auto" or cfg.dtype in DTYPES, "dtype", f"must be auto or one of {', '.join(DTYPES)}"),
+        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
+        (not unwritable, "output", f": {unwritable}; choose another directory"),
+    ]
 
 
 def _inputs_the_output_would_destroy(cfg: MergeConfig) -> list[tuple[bool, str, str]]:

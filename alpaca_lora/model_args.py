@@ -3,8 +3,10 @@
 One typed section shared by training, planning, inference, merge and export (as LLaMA-Factory shares
 its ``ModelArguments``). A training run saves its resolved configuration beside its weights
 (``training_config.yaml``); inference and merge read the model section back from there, so an adapter
-is loaded on the base, in the bits and with the template it was trained with. ``quantization_config``
-is the one place that turns the section into a ``transformers.BitsAndBytesConfig``.
+is loaded on the base, in the bits and with the template it was trained with; ``load_model_settings`` is the
+one loader of the commands that load a trained model, and ``adapter_problem`` the one check of an adapter
+directory. ``quantization_config`` is the one place that turns the section into a
+``transformers.BitsAndBytesConfig``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from alpaca_lora.common.settings import Layer, build, check, command_line, key, 
 T = TypeVar("T")
 SAVED_CONFIG = "training_config.yaml"
 LEGACY_SAVED_CONFIGS = ("config.yaml",)  # adapters written before the name was unified
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
@@ -168,9 +172,6 @@ def load_model_settings(schema: type[T], argv: list[str], tool: str, defaults: S
             raise ConfigError("key 'model' must be set: the adapter does not name its base model")
     return settings
 
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def adapter_problem(directory: str | Path) -> str | None:
