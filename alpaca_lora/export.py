@@ -27,9 +27,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from alpaca_lora.common.errors import ConfigError, ExportError
-from alpaca_lora.common.paths import atomic_write_text, cache_dir
-from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
+from alpaca_lora.common.errors import ExportError
+from alpaca_lora.common.paths import atomic_write_text, cache_dir, cannot_write, publish, scratch_directory
+from alpaca_lora.common.settings import entry_point, help_text, key
 from alpaca_lora.data.templates import (
     ModelTemplate,
     PromptTemplate,
@@ -38,7 +38,7 @@ from alpaca_lora.data.templates import (
     ollama_template,
     set_chat_template,
 )
-from alpaca_lora.model_args import ModelArguments, model_checks, saved_model_layer
+from alpaca_lora.model_args import ModelArguments, load_model_settings
 
 TOOL = "export"
 # llama.cpp's converter comes from this source distribution (vendor/llama.cpp); its CHANGELOG names the commit.
@@ -69,29 +69,26 @@ class ExportConfig(ModelArguments):
 
 def load_export_config(argv: list[str]) -> ExportConfig:
     """Built-in defaults <- the adapter's (or merged model's) saved model section <- the command line."""
-    adapter, model = peek(argv, "adapter"), peek(argv, "model")
-    directory = adapter or model
-    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
-    cfg: ExportConfig = build(ExportConfig, [*([saved] if saved else []), command_line(argv, ExportConfig)], TOOL)
+    return load_model_settings(ExportConfig, argv, TOOL, checks=_export_checks)
+
+
+def _export_checks(cfg: ExportConfig) -> list[tuple]:
+    """The export's own keys, and an output it can write, before anything is converted."""
     output = Path(cfg.output)
-    check(model_checks(cfg) + [
+    outputs, unwritable = (output, modelfile_path(output)), cannot_write(output)
+    return [
         (cfg.format == "gguf", "format", "must be gguf"),
         (cfg.outtype in OUTTYPES, "outtype", f"must be one of {', '.join(OUTTYPES)}"),
         (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
         (output.suffix == ".gguf", "output", f": {output} must end in .gguf"),
         (cfg.adapter or cfg.model, "model", "or 'adapter' must be set (a merged model, or an adapter to merge first)"),
-        (not cfg.adapter or (Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
-         f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
         (cfg.adapter or not cfg.model or (Path(cfg.model) / "config.json").is_file(), "model",
          f": {cfg.model} has no config.json (a merged model directory)"),
-        *[(cfg.overwrite or not path.exists(), "output", f": {path} exists; choose another file or set overwrite=true")
-          for path in (output, modelfile_path(output))],
-    ])
-    if cfg.adapter and not cfg.model:
-        cfg.model = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not cfg.model:
-            raise ConfigError("key 'model' must be set: the adapter does not name its base model")
-    return cfg
+        *[(not path.is_dir(), "output", f": {path} is a directory; name the file to write") for path in outputs],
+        *[(cfg.overwrite or not path.exists() or path.is_dir(), "output",
+           f": {path} exists; choose another file or set overwrite=true") for path in outputs],
+        (not unwritable, "output", f": {unwritable}; choose another directory"),
+    ]
 
 
 def modelfile_path(output: str | Path) -> Path:
@@ -101,7 +98,7 @@ def modelfile_path(output: str | Path) -> Path:
 def converter_dir(llama_cpp: str | None = None) -> Path:
     """A llama.cpp source tree with the converter: the one given, or llama-cpp-python's, fetched once."""
     if llama_cpp:
-        root = Path(llama_cpp)
+        root = Path(llama_cpp).expanduser().absolute()  # the converter runs in its own directory
         if not (root / "convert_hf_to_gguf.py").is_file() or not (root / "gguf-py").is_dir():
             raise ExportError(f"key 'llama_cpp': {root} has no convert_hf_to_gguf.py and gguf-py/ "
                               "(a llama.cpp checkout)")
@@ -111,19 +108,17 @@ def converter_dir(llama_cpp: str | None = None) -> Path:
     if (root / "convert_hf_to_gguf.py").is_file():
         return root
     sdist = fetch_sdist()
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
+    unpacked = cache / f"llama_cpp_python-{CONVERTER_VERSION}"
     try:
-        with tarfile.open(sdist) as archive:
-            prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
+        with scratch_directory(unpacked) as tmp, tarfile.open(sdist) as archive:
+            prefix = f"{unpacked.name}/vendor/llama.cpp/"
             members = [m for m in archive.getmembers()
                        if m.name.startswith(prefix) and m.name[len(prefix):].startswith(CONVERTER_FILES)]
             archive.extractall(tmp, members=members, filter="data")
-        (tmp / f"llama_cpp_python-{CONVERTER_VERSION}").rename(cache / f"llama_cpp_python-{CONVERTER_VERSION}")
+            publish(tmp / unpacked.name, unpacked)
     except OSError:
         if not (root / "convert_hf_to_gguf.py").is_file():  # not another process that unpacked it first
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -145,7 +140,7 @@ def fetch_sdist() -> Path:
             last = (done.stderr.strip().splitlines() or ["no file"])[-1]
             raise ExportError(f"cannot fetch llama.cpp's converter ({CONVERTER_PACKAGE}=={CONVERTER_VERSION} through "
                               f"pip): {last}; give llama_cpp=PATH (a llama.cpp checkout) instead")
-        os.replace(downloaded, sdist)
+        publish(downloaded, sdist)
     return sdist
 
 
@@ -156,11 +151,7 @@ def export(cfg: ExportConfig) -> dict:
     converter = converter_dir(cfg.llama_cpp)
     template = get_template(cfg.template)
     tokenizer = _tokenizer(cfg, template)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
+    with scratch_directory(output) as work:  # the converter's inputs, the merged model, the GGUF being written
         config = _config(cfg)
         _convert(converter, _stage(tokenizer, work / "vocab", config=config), work / "vocab.gguf", cfg.outtype,
                  vocab_only=True)  # the converter knows the architecture and the tokenizer: worth merging
@@ -168,9 +159,7 @@ def export(cfg: ExportConfig) -> dict:
         model_dir = _merge(cfg, work / "merged") if cfg.adapter else Path(cfg.model)
         _convert(converter, _stage(tokenizer, work / "model", model_dir=model_dir), work / "model.gguf", cfg.outtype)
         summary = _check_gguf(work / "model.gguf", tokenizer)
-        os.replace(work / "model.gguf", output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish(work / "model.gguf", output)
     atomic_write_text(modelfile_path(output), modelfile(output, template, tokenizer, bool(cfg.multi_turn)))
     turns = " in turns" if cfg.multi_turn and not isinstance(template, ModelTemplate) else ""
     return {**summary, "template": template.name + turns, "output": str(output),
@@ -211,8 +200,9 @@ def _stage(tokenizer, stage: Path, model_dir: Path | None = None, config=None) -
 
 def _convert(converter: Path, stage: Path, target: Path, outtype: str, vocab_only: bool = False) -> None:
     """Runs convert_hf_to_gguf.py with this Python; its progress bar is shown, its last lines explain a failure."""
-    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(stage), "--outfile", str(target),
-               "--outtype", outtype] + (["--vocab-only"] if vocab_only else [])
+    # The converter runs in its own directory (it reads files beside it): every path it gets is absolute.
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(stage.absolute()), "--outfile",
+               str(target.absolute()), "--outtype", outtype] + (["--vocab-only"] if vocab_only else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
     tail: deque[str] = deque(maxlen=200)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=converter) as process:

@@ -20,20 +20,19 @@ import torch
 import yaml
 from omegaconf import MISSING
 
-from alpaca_lora.common.errors import ConfigError, MergeError
-from alpaca_lora.common.paths import atomic_directory
-from alpaca_lora.common.settings import build, check, command_line, entry_point, help_text, key, peek
+from alpaca_lora.common.errors import MergeError
+from alpaca_lora.common.paths import atomic_directory, cannot_write
+from alpaca_lora.common.settings import check, entry_point, help_text, key
 from alpaca_lora.data.examples import left_padded_prompts
 from alpaca_lora.data.templates import Prompter, get_template, set_chat_template
 from alpaca_lora.model import DTYPES, load_model, load_tokenizer, resolve_model
 from alpaca_lora.model_args import (
     SAVED_CONFIG,
     ModelArguments,
-    model_checks,
+    load_model_settings,
     quantization_config,
     saved_config,
     saved_config_path,
-    saved_model_layer,
 )
 
 TOOL = "merge"
@@ -63,25 +62,21 @@ class MergeConfig(ModelArguments):
 
 def load_merge_config(argv: list[str]) -> MergeConfig:
     """Built-in defaults <- the adapter's saved model section (its base, bits, template) <- the command line."""
-    adapter = peek(argv, "adapter")
-    saved = saved_model_layer(adapter) if adapter and Path(adapter).is_dir() else None
-    cfg: MergeConfig = build(MergeConfig, [*([saved] if saved else []), command_line(argv, MergeConfig)], TOOL)
-    check(model_checks(cfg) + [
-        (cfg.dtype == "auto" or cfg.dtype in DTYPES, "dtype", f"must be auto or one of {', '.join(DTYPES)}"),
-        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
-        ((Path(cfg.adapter) / "adapter_config.json").is_file(), "adapter",
-         f": {cfg.adapter} has no adapter_config.json (a directory written by training)"),
-    ])
-    if not cfg.model:
-        adapter_config = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
-        cfg.model = adapter_config.get("base_model_name_or_path")
-    if not cfg.model:
-        raise ConfigError("key 'model' must be set: the adapter does not name its base model")
+    cfg: MergeConfig = load_model_settings(MergeConfig, argv, TOOL, checks=_merge_checks)
     check(_inputs_the_output_would_destroy(cfg) or [
         (not Path(cfg.output).exists() or cfg.overwrite, "output",
          f": {cfg.output} exists; choose another directory or set overwrite=true"),
     ])
     return cfg
+
+
+def _merge_checks(cfg: MergeConfig) -> list[tuple]:
+    unwritable = cannot_write(cfg.output)  # before the merge, not after it (PermissionError)
+    return [
+        (cfg.dtype == "auto" or cfg.dtype in DTYPES, "dtype", f"must be auto or one of {', '.join(DTYPES)}"),
+        (cfg.device in ("cpu", "cuda"), "device", "must be cpu or cuda"),
+        (not unwritable, "output", f": {unwritable}; choose another directory"),
+    ]
 
 
 def _inputs_the_output_would_destroy(cfg: MergeConfig) -> list[tuple[bool, str, str]]:

@@ -129,9 +129,11 @@ def load_model(path: str, args: ModelArguments, device: str, dtype: str | None =
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     elif quantization is not None and device == "cpu":
         kwargs["device_map"] = {"": "cpu"}
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:  # a directory without weights or config.json, a file the hub does not have
+    except (OSError, SafetensorError) as exc:  # no weights or config.json there, the hub lacks a file, a cut copy
         raise ModelError(f"model '{path}': cannot load it: {str(exc).splitlines()[0]}") from None
 
 

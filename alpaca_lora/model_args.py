@@ -3,23 +3,29 @@
 One typed section shared by training, planning, inference, merge and export (as LLaMA-Factory shares
 its ``ModelArguments``). A training run saves its resolved configuration beside its weights
 (``training_config.yaml``); inference and merge read the model section back from there, so an adapter
-is loaded on the base, in the bits and with the template it was trained with. ``quantization_config``
-is the one place that turns the section into a ``transformers.BitsAndBytesConfig``.
+is loaded on the base, in the bits and with the template it was trained with; ``load_model_settings`` is the
+one loader of the commands that load a trained model, and ``adapter_problem`` the one check of an adapter
+directory. ``quantization_config`` is the one place that turns the section into a
+``transformers.BitsAndBytesConfig``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import yaml
 
 from alpaca_lora.common.errors import ConfigError
-from alpaca_lora.common.settings import Layer, key
+from alpaca_lora.common.settings import Layer, build, check, command_line, key, peek
 
+T = TypeVar("T")
 SAVED_CONFIG = "training_config.yaml"
 LEGACY_SAVED_CONFIGS = ("config.yaml",)  # adapters written before the name was unified
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
@@ -150,3 +156,58 @@ def saved_model_layer(directory: str | Path | None, adapter: bool = True) -> Lay
         values["quant"] = {k: v for k, v in (config.get("quant") or {}).items()
                            if k in ("bits", "quant_type", "double_quant", "compute_dtype")}
     return Layer(str(saved_config_path(directory)), values)
+
+
+def load_model_settings(schema: type[T], argv: list[str], tool: str, defaults: Sequence[Layer] = (),
+                        checks: Callable[[T], list] = lambda settings: []) -> T:
+    """The settings of a command that loads a trained model (inference, merge, export): built-in defaults <-
+    ``defaults`` <- the saved model section of the adapter (or merged model) <- the command line. The model
+    section's checks, the adapter's and the command's own (``checks(settings)``) are reported together, before
+    any model loads; an adapter's base, when neither the command line nor the saved section gives it, is the one
+    its ``adapter_config.json`` names."""
+    adapter, model = peek(argv, "adapter"), peek(argv, "model")
+    directory = adapter or model
+    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
+    settings = build(schema, [*defaults, *([saved] if saved else []), command_line(argv, schema)], tool)
+    adapter = getattr(settings, "adapter", None)
+    problem = adapter_problem(adapter) if adapter else None
+    check(model_checks(settings) + [(not problem, "adapter", f": {problem}")] + checks(settings))
+    if adapter and not settings.model:
+        settings.model = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not settings.model:
+            raise ConfigError("key 'model' must be set: the adapter does not name its base model")
+    return settings
+
+
+
+def adapter_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` is not an adapter peft can load, in one line naming the file (None when it is): asked
+    before any model loads, where peft would end in a traceback (the hub asked for missing weights, a
+    ``SafetensorError``, a ``JSONDecodeError``)."""
+    path = Path(directory)
+    if not (path / ADAPTER_CONFIG).is_file():
+        return f"{directory} has no {ADAPTER_CONFIG} (a directory written by training)"
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{path / ADAPTER_CONFIG}: not valid JSON ({str(exc).splitlines()[0]})"
+    if not isinstance(config, dict):
+        return f"{path / ADAPTER_CONFIG}: not valid JSON for an adapter (an object is expected)"
+    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        return (f"{directory} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS[0]} (copied without its weights, or "
+                "written by a run that stopped before saving them)")
+    return safetensors_problem(weights) if weights.suffix == ".safetensors" else None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (a truncated copy, a corrupt header), or None. Only the header is
+    read; it also says how long the file must be, so a cut file is caught here."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as weights:
+            weights.keys()
+    except Exception as exc:  # SafetensorError, OSError
+        return f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}): truncated or corrupt"
+    return None

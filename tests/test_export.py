@@ -18,37 +18,15 @@ from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.common.errors import ExportError
 from alpaca_lora.data.examples import encode_prompt
 from alpaca_lora.data.templates import chat_template, get_template, ollama_template
-from alpaca_lora.export import converter_dir, fetch_sdist, main
+from alpaca_lora.export import fetch_sdist, main
 from alpaca_lora.model import load_tokenizer
 
 # f16 rounds every weight once: the GGUF's logits may differ from the float32 model's by this much,
 # relative to the largest |logit| (measured: about 1e-3 for the tiny random Llama and the demo model).
 F16_RELATIVE_TOLERANCE = 1e-2
 PROMPTS = [("Give three tips for staying healthy.", ""), ("Translate the sentence into French.", "Good morning!")]
-
-
-@pytest.fixture(scope="session")
-def llama_cpp() -> Path:
-    """llama.cpp's converter from the pinned llama-cpp-python sources, fetched through pip once per machine
-    (session fixtures are set up before the per-test cache, so this is the user's cache)."""
-    try:
-        return converter_dir()
-    except ExportError as exc:
-        pytest.skip(f"llama.cpp's converter could not be fetched (is PyPI reachable?): {exc}")
-
-
-@pytest.fixture(scope="session")
-def smol_llama_dir(demo_model_dir, tmp_path_factory, build_tiny_model) -> Path:
-    """A random 2-layer Llama with the demo model's SmolLM2 tokenizer: llama.cpp's converter recognises
-    it, while it refuses the BPE tokenizer the other tests train (an unknown pre-tokenizer)."""
-    directory = tmp_path_factory.mktemp("smol-llama")
-    tokenizer = load_tokenizer(str(demo_model_dir))
-    build_tiny_model(directory, len(tokenizer))  # BOS 1 and EOS 2, as SmolLM2's <|im_start|> and <|im_end|>
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -175,6 +153,18 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(smol_lla
     assert GGUFReader(output).get_field("general.architecture").contents() == "llama"
 
 
+def test_relative_paths_work_from_the_users_working_directory(demo_adapter, llama_cpp, tmp_path, monkeypatch):
+    """The documented command, ``export format=gguf adapter=outputs/demo output=outputs/demo.gguf``, run from the
+    directory holding outputs/: the converter runs in its own working directory, so it must be handed absolute
+    paths (it failed: ``outputs/.demo.gguf.partial-.../vocab is not a directory``)."""
+    shutil.copytree(demo_adapter, tmp_path / "outputs" / "demo")
+    (tmp_path / "llama.cpp").symlink_to(llama_cpp)
+    monkeypatch.chdir(tmp_path)
+    assert main(["format=gguf", "adapter=outputs/demo", "output=outputs/demo.gguf", "llama_cpp=llama.cpp"]) == 0
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["demo", "demo.Modelfile", "demo.gguf"]
+    assert field(GGUFReader(tmp_path / "outputs" / "demo.gguf"), "general.architecture") == "llama"
+
+
 def _error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stopped:
         main(args)
@@ -182,6 +172,19 @@ def _error(args: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     return err.strip()
+
+
+def test_an_output_that_is_a_folder_or_cannot_be_written_is_refused_before_any_work(smol_llama_dir, llama_cpp,
+                                                                                     read_only_dir, tmp_path, capsys):
+    """Both failed after the whole conversion: IsADirectoryError, PermissionError."""
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    args = ["format=gguf", f"model={smol_llama_dir}", f"llama_cpp={llama_cpp}", "overwrite=true"]
+    assert _error([*args, f"output={folder}"], capsys) == \
+        f"error: key 'output': {folder} is a directory; name the file to write"
+    err = _error([*args, f"output={read_only_dir / 'x.gguf'}"], capsys)
+    assert err.startswith(f"error: key 'output': cannot write in {read_only_dir} (")
+    assert list(read_only_dir.iterdir()) == [] and list(folder.iterdir()) == []
 
 
 def test_a_tokenizer_llama_cpp_does_not_know_is_a_one_line_error_and_nothing_is_written(tiny_model_dir, llama_cpp,

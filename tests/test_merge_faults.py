@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,78 @@ def test_an_uncached_hub_model_offline_is_one_line_wherever_it_is_loaded(loader,
             call()
         message = str(exc_info.value)
     assert message.startswith(f"model '{UNCACHED}': neither on disk nor reachable") and "\n" not in message
+
+
+# --- a broken adapter, or an output that cannot be written: one line, before any model loads -----------------
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+BROKEN_ADAPTERS = [
+    # peft asked the hub for the weights: LocalEntryNotFoundError (offline) or HFValidationError
+    pytest.param(lambda a: (a / "adapter_model.safetensors").unlink(), "has adapter_config.json but no "
+                 "adapter_model.safetensors", id="no-weights"),
+    pytest.param(lambda a: _truncated(a / "adapter_model.safetensors"), "adapter_model.safetensors: not a readable "
+                 "safetensors file", id="truncated-weights"),  # SafetensorError
+    pytest.param(lambda a: (a / "adapter_model.safetensors").write_bytes(b"\\x00" * 64), "adapter_model.safetensors: "
+                 "not a readable safetensors file", id="corrupt-weights"),
+    pytest.param(lambda a: (a / "adapter_config.json").write_text("{bad"), "adapter_config.json: not valid JSON",
+                 id="bad-json"),  # JSONDecodeError
+    pytest.param(lambda a: (a / "adapter_config.json").unlink(), "has no adapter_config.json", id="no-config"),
+]
+
+
+def _stage_main(stage: str):
+    from alpaca_lora.export import main as export
+    from alpaca_lora.generate import main as generate
+
+    return {"merge": main, "export": export, "generate": generate}[stage]
+
+
+@pytest.mark.parametrize("stage", ["merge", "export", "generate"])
+@pytest.mark.parametrize("damage, message", BROKEN_ADAPTERS)
+def test_a_broken_adapter_is_one_line_naming_the_file_before_any_model_loads(inputs, capsys, stage, damage,
+                                                                            message):
+    damage(inputs["adapter"])
+    output = {"merge": ["output=" + str(inputs["tmp"] / "merged")], "generate": ["instruction=Hi"],
+              "export": ["format=gguf", "output=" + str(inputs["tmp"] / "x.gguf")]}[stage]
+    with pytest.raises(SystemExit) as stopped:
+        _stage_main(stage)([f"adapter={inputs['adapter']}", *output])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: key 'adapter': ") and message in err[0], err
+
+
+def test_a_truncated_model_is_one_line(inputs, capsys):
+    from alpaca_lora.generate import main as generate
+
+    _truncated(inputs["base"] / "model.safetensors")
+    with pytest.raises(SystemExit):
+        generate([f"model={inputs['base']}", "instruction=Hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: model '{inputs['base']}': cannot load it: "), err
+
+
+def test_merging_into_a_read_only_folder_is_refused_before_the_merge(inputs, read_only_dir, capsys):
+    """It failed with PermissionError after the whole merge."""
+    with pytest.raises(SystemExit):
+        main([f"adapter={inputs['adapter']}", f"output={read_only_dir / 'merged'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: key 'output': cannot write in {read_only_dir} ("), err
+    assert err[0].endswith("); choose another directory")
+
+
+def test_a_merged_model_is_readable_as_plain_writes_would_be_and_replaces_a_file_without_leftovers(inputs):
+    """With umask 022 the merged folder was 0700 and model.safetensors 0600; ``output=EXISTING_FILE overwrite=true``
+    left a hidden ``.EXISTING_FILE.old-PID`` behind."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    output = inputs["tmp"] / "merged"
+    output.write_text("a file in the way")
+    assert main([f"adapter={inputs['adapter']}", f"output={output}", "overwrite=true"]) == 0
+    assert sorted(p.name for p in inputs["tmp"].iterdir() if p.name.startswith(".")) == []
+    assert output.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("model.safetensors", "training_config.yaml", "merge_report.json", "tokenizer.json"):
+        assert (output / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

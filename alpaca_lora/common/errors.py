@@ -1,4 +1,6 @@
-"""User-facing errors, all in one place: one line each, no traceback, a non-zero exit."""
+"""User-facing errors: one line each, no traceback, a non-zero exit. The base and the kinds several stages raise are
+here; an error only one module raises is defined there (``TemplateError`` in data.templates, ``EndpointError`` in
+endpoint.client)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,6 @@ class DataError(UserError):
     """A data file, record or field."""
 
 
-class TemplateError(UserError):
-    """A prompt template file."""
-
-
 class ModelError(UserError):
     """A model that cannot be found or loaded."""
 
@@ -36,10 +34,6 @@ class MergeError(UserError):
 
 class ExportError(UserError):
     """An export the converter cannot do, or that would not fit on the disk."""
-
-
-class EndpointError(UserError):
-    """An OpenAI-compatible endpoint that refuses every request: authentication, permission or model name."""
 
 
 @contextmanager

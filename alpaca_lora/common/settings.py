@@ -222,15 +222,3 @@ def dispatch(argv: list[str] | None, stage: str, subcommands: dict[str, Subcomma
     return entry_point(argv[len(name.split()):], lambda: help_text(tool, sub.arguments, sub.schema), sub.load,
                        sub.run) or 0
 
-
-def simple_loader(schema: type[T], tool: str, validate: Callable[[T], None] | None = None
-                  ) -> Callable[[list[str]], T]:
-    """The loader of a command whose settings are its command line alone."""
-
-    def load(argv: list[str]) -> T:
-        cfg = build(schema, [command_line(argv, schema)], tool)
-        if validate:
-            validate(cfg)
-        return cfg
-
-    return load

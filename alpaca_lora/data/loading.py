@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 
 from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.jsonfiles import parse_json, parse_json_lines, read_text
-from alpaca_lora.common.paths import cache_dir
+from alpaca_lora.common.paths import atomic_path, cache_dir
 from alpaca_lora.data.templates import turn_order_problem
 
 FIELDS = ("instruction", "input", "output")
@@ -248,10 +246,8 @@ def download(url: str, read: Callable[[Path, str], T], max_bytes: int = MAX_DOWN
         except DataError as exc:
             raise DataError(f"{exc}; if the file at the URL has changed since, delete the cached copy to "
                             "download it again") from None
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=f"-{target.name}")
-    tmp = Path(tmp)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:  # renamed into the cache only once read without error
+        with tmp.open("wb") as out:
             _stream(url, out, max_bytes, target.name.partition("-")[2])
         with tmp.open("rb") as f:
             if f.read(512).lstrip()[:1] == b"<":
@@ -261,10 +257,7 @@ def download(url: str, read: Callable[[Path, str], T], max_bytes: int = MAX_DOWN
             result = read(tmp, url)
         except DataError as exc:
             raise DataError(f"{exc}; nothing was cached") from None
-        os.replace(tmp, target)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+    return result
 
 
 def download_path(url: str) -> Path:

@@ -5,13 +5,12 @@ printed table and a PNG bar chart. The judge's report and the arena's share them
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.paths import atomic_path, atomic_write_text
 
 BOOTSTRAP_SAMPLES = 10_000
 SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}
@@ -135,8 +134,6 @@ def plot_tallies(report: dict, path: Path, title: str) -> None:
     handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / (1.7 + 0.3 * len(rows)), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

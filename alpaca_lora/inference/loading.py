@@ -4,7 +4,6 @@ generation engine (``LoadedModel.engine``)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +11,12 @@ from typing import Optional
 
 import torch
 
-from alpaca_lora.common.errors import ConfigError, UserError
-from alpaca_lora.common.settings import Layer, build, check, command_line, key, peek
+from alpaca_lora.common.errors import ConfigError
+from alpaca_lora.common.settings import Layer, key
 from alpaca_lora.data.templates import ModelTemplate, Prompter, PromptTemplate, get_template, set_chat_template
 from alpaca_lora.inference.engine import Engine, EngineSettings
 from alpaca_lora.model import load_model, load_tokenizer, resolve_model
-from alpaca_lora.model_args import ModelArguments, compute_dtype, model_checks, resolve_device, saved_model_layer
+from alpaca_lora.model_args import ModelArguments, adapter_problem, compute_dtype, load_model_settings, resolve_device
 
 
 @dataclass
@@ -36,24 +35,7 @@ _UNQUANTIZED = Layer("inference default", {"quant": {"bits": 16}})
 def load_inference_settings(schema: type, argv: list[str], tool: str):
     """Settings whose model section starts from what the adapter (or merged model) was trained with:
     built-in defaults <- 16 bits <- the saved model section <- the command line."""
-    adapter, model = peek(argv, "adapter"), peek(argv, "model")
-    directory = adapter or model
-    saved = saved_model_layer(directory, adapter=bool(adapter)) if directory and Path(directory).is_dir() else None
-    named = _adapter_base(adapter) if adapter and not (saved and saved.values.get("model")) else None
-    settings = build(schema, [_UNQUANTIZED, *filter(None, [named, saved]), command_line(argv, schema)], tool)
-    check(model_checks(settings))
-    return settings
-
-
-def _adapter_base(adapter: str) -> Layer | None:
-    """The base an adapter's ``adapter_config.json`` names (as the user named it when training: a hub id, a
-    ``package:`` spec), for an adapter shared without its ``training_config.yaml``."""
-    path = Path(adapter) / "adapter_config.json"
-    try:
-        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None  # no readable file: load_for_inference names the problem
-    return Layer(str(path), {"model": base}) if isinstance(base, str) and base else None
+    return load_model_settings(schema, argv, tool, defaults=[_UNQUANTIZED])
 
 
 def inference_settings(schema: type = InferenceModel, **values):
@@ -97,8 +79,9 @@ class LoadedModel:
 
 def load_for_inference(settings: InferenceModel) -> LoadedModel:
     """Base (+ adapter) or merged model, on the chosen device, in eval mode, with its template."""
-    if settings.adapter and not (Path(settings.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"adapter '{settings.adapter}': no adapter_config.json there (a directory written by training)")
+    problem = adapter_problem(settings.adapter) if settings.adapter else None
+    if problem:  # settings built in Python, not by load_inference_settings
+        raise ConfigError(f"key 'adapter': {problem}")
     if not settings.model:
         raise ConfigError("key 'model' must be set (or adapter= a directory whose training_config.yaml names its base)")
     template = get_template(settings.template)

@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alpaca_lora.common.errors import ConfigError
 from alpaca_lora.common.logs import get_logger
-from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.paths import atomic_write_text, plain_permissions
 from alpaca_lora.model_args import LEGACY_SAVED_CONFIGS, SAVED_CONFIG, saved_config
 from alpaca_lora.train import launcher
 from alpaca_lora.train.config import TrainConfig
@@ -42,7 +42,7 @@ PATH_KEYS = ("model", "data", "template")
 # A run's files at the top of output_dir: the first ones mark a run; overwrite=true removes them all.
 RUN_MARKS = (SAVED_CONFIG, *LEGACY_SAVED_CONFIGS, f"{PREFIX_CHECKPOINT_DIR}-*", "adapter_config.json", "metrics.json")
 RUN_OUTPUTS = (*RUN_MARKS, "adapter_model.safetensors", "model*.safetensors", "model.safetensors.index.json",
-               "loss.png")
+               "loss.png", "runs", "README.md")  # runs/: TensorBoard's logs
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -181,6 +181,7 @@ class SealCheckpoints(TrainerCallback):
         PartialState().wait_for_everyone()  # every rank's files (shards, RNG states) are written
         if state.is_world_process_zero:
             plan = (Path(args.output_dir) / SAVED_CONFIG).read_text(encoding="utf-8")
+            plain_permissions(self._checkpoint(args, state))  # safetensors writes 0600 whatever the umask
             atomic_write_text(self._checkpoint(args, state) / SAVED_CONFIG, plan)
 
     def _unseal_before_save(self, args, state, control) -> None:

@@ -8,6 +8,7 @@ The defaults are the QLoRA paper's settings; a recipe states what it is for and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -153,6 +154,7 @@ def validate(cfg: TrainConfig) -> None:
     from alpaca_lora.data.templates import get_template
 
     world = launcher.planned_world_size(cfg.nproc, cfg.device)
+    short_run = warmup_problem(cfg.warmup, cfg.max_steps, f"max_steps={cfg.max_steps}") if cfg.max_steps >= 1 else None
     checks = model_checks(cfg) + [
         (cfg.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
         (lambda: cfg.batch_size % (cfg.micro_batch_size * world) == 0, "batch_size",
@@ -160,7 +162,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_length >= 8, "max_length", "must be at least 8"),
         (cfg.truncation in TRUNCATION, "truncation", f"must be one of {', '.join(TRUNCATION)}"),
         (cfg.val_set_size >= 0, "val_set_size", "must be 0 or more"),
+        (cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "must be -1 (train num_epochs) or at least 1"),
         (cfg.max_steps > 0 or cfg.num_epochs > 0, "num_epochs", "must be positive when max_steps is -1"),
+        (not short_run, "warmup", f": {short_run}"),
         (cfg.learning_rate > 0, "learning_rate", "must be positive"),
         (cfg.warmup >= 0, "warmup", "must be 0 or more"),
         (cfg.lora.r >= 1, "lora.r", "must be at least 1"),
@@ -187,6 +191,19 @@ def validate(cfg: TrainConfig) -> None:
     except UserError as exc:
         checks.append((False, "template", f": {exc}"))  # the message names the template
     check(checks)
+
+
+def warmup_problem(warmup: float, steps: int, counted: str) -> str | None:
+    """Why a run of ``steps`` optimizer steps cannot train with this warmup, or None. Counted as transformers
+    counts it (a fraction rounds up), the warmup covers the whole run when it is not shorter than it: the learning
+    rate never reaches its peak, and a 1-step run takes its one step at learning rate 0 and learns nothing."""
+    warmup_steps = int(warmup) if warmup >= 1 else math.ceil(steps * warmup)
+    if warmup_steps < steps:
+        return None
+    given = f"{warmup:g} of {counted} is {warmup_steps}" if warmup < 1 else f"{warmup_steps}"
+    return (f"{given} warmup step{'s' if warmup_steps != 1 else ''}, not fewer than the run's {steps} step"
+            f"{'s' if steps != 1 else ''}: the learning rate would never leave its warmup ramp (which starts at 0"
+            f"{': a 1-step run learns nothing' if steps == 1 else ''}); set warmup=0, a smaller warmup, or more steps")
 
 
 def help_text() -> str:

@@ -87,48 +87,57 @@ class Plan:
 
 
 def estimate(a: Architecture, s: Setup) -> Plan:
+    """Peak memory per GPU, component by component, for architecture ``a`` trained as ``s`` says."""
     shapes = _linear_shapes(a)
     linear = a.layers * sum(i * o for i, o in shapes.values())
-    embeddings = a.vocab * a.hidden * (1 if a.tied else 2)
-    norms = a.hidden * (2 * a.layers + 1)
-    parameters = linear + embeddings + norms
+    dense = a.vocab * a.hidden * (1 if a.tied else 2) + a.hidden * (2 * a.layers + 1)  # embeddings and norms
+    parameters = linear + dense
     shard = s.gpus if s.fsdp else 1
+    targets = _LINEARS if "all-linear" in s.lora_targets else [t for t in _LINEARS if t in s.lora_targets]
 
-    dense_label = f"weights: {(embeddings + norms) / 1e9:.2f}B embeddings and norms in 16-bit"
-    if s.bits == 4:
-        constants = 4 / NF4_BLOCK if not s.double_quant else 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)
-        frozen = [(f"weights: {linear / 1e9:.2f}B in 4-bit NF4 + quantization constants", linear * (0.5 + constants)),
-                  (dense_label, (embeddings + norms) * 2)]
-    elif s.bits == 8:
-        row_scales = a.layers * sum(o for _, o in shapes.values()) * 4
-        frozen = [(f"weights: {linear / 1e9:.2f}B in 8-bit + row scales", linear * 1.0 + row_scales),
-                  (dense_label, (embeddings + norms) * 2)]
-    else:
-        frozen = [(f"weights: {parameters / 1e9:.2f}B in {8 * s.weight_bytes}-bit", parameters * s.weight_bytes)]
-
+    rows = [(label, size / shard) for label, size in _frozen_weights(a, s, shapes, linear, dense)]
     if s.finetune == "full":
-        trainable = parameters
-        rows = [(label, size / shard) for label, size in frozen]
-        grad_bytes = s.weight_bytes
+        trainable, grad_bytes = parameters, s.weight_bytes
     else:
-        targets = _LINEARS if "all-linear" in s.lora_targets else [t for t in _LINEARS if t in s.lora_targets]
         trainable = a.layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in targets)
-        rows = [(label, size / shard) for label, size in frozen]
+        grad_bytes = s.adapter_bytes
         rows.append((f"trainable: LoRA r{s.lora_r} on {len(targets)} projections, {trainable / 1e6:.1f}M parameters",
                      trainable * s.adapter_bytes / shard))
-        grad_bytes = s.adapter_bytes
     rows.append(("gradients", trainable * grad_bytes / shard))
     optimizer_bytes = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}[s.optimizer]
     rows.append((f"optimizer states ({s.optimizer}, {optimizer_bytes} bytes per trainable parameter)",
                  trainable * optimizer_bytes / shard))
+    rows += _activations(a, s, shapes, targets)
+    if s.fsdp:
+        per_param = {4: 0.5 + 1 / NF4_BLOCK, 8: 1.0}.get(s.bits, s.weight_bytes)
+        rows.append((f"FSDP: 2 decoder layers gathered unsharded ({s.gpus}-way sharding above)",
+                     2 * linear / a.layers * per_param))
+    rows.append(("runtime overhead (CUDA context, workspaces, allocator)", OVERHEAD_BYTES))
+    return Plan(rows, parameters, trainable)
 
+
+def _frozen_weights(a: Architecture, s: Setup, shapes: dict, linear: int, dense: int) -> list[tuple[str, float]]:
+    """The weights at their storage precision: quantized linear layers (with their constants) and 16-bit
+    embeddings and norms, or every weight in ``weight_bytes``."""
+    dense_row = (f"weights: {dense / 1e9:.2f}B embeddings and norms in 16-bit", dense * 2)
+    if s.bits == 4:
+        constants = 4 / NF4_BLOCK if not s.double_quant else 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)
+        return [(f"weights: {linear / 1e9:.2f}B in 4-bit NF4 + quantization constants", linear * (0.5 + constants)),
+                dense_row]
+    if s.bits == 8:
+        row_scales = a.layers * sum(o for _, o in shapes.values()) * 4
+        return [(f"weights: {linear / 1e9:.2f}B in 8-bit + row scales", linear * 1.0 + row_scales), dense_row]
+    return [(f"weights: {(linear + dense) / 1e9:.2f}B in {8 * s.weight_bytes}-bit", (linear + dense) * s.weight_bytes)]
+
+
+def _activations(a: Architecture, s: Setup, shapes: dict, targets) -> list[tuple[str, float]]:
+    """What the forward pass keeps for the backward one, the packed rows' attention masks, the logits."""
     tokens = s.micro_batch * s.seq_len
     kv = a.kv_heads * (a.hidden // a.heads)
     # bf16 tensors a decoder layer keeps for backward, per token: norm inputs and outputs, q/k/v,
     # attention output (flash/SDPA: no score matrix), gate, up, activation and product in the MLP.
     per_layer = (6 * a.hidden + 2 * kv + 4 * a.intermediate) * 2
     if s.finetune == "lora" and s.lora_dropout > 0:
-        targets = _LINEARS if "all-linear" in s.lora_targets else [t for t in _LINEARS if t in s.lora_targets]
         per_layer += sum(shapes[t][0] for t in targets) * 3  # dropped-out copy (bf16) and its mask per adapter
     if s.checkpointing:
         activations = tokens * (a.layers * a.hidden * 2 + per_layer)
@@ -137,20 +146,13 @@ def estimate(a: Architecture, s: Setup) -> Plan:
         activations = tokens * a.layers * per_layer
         label = "activations: every layer kept (no checkpointing)"
     # Padded micro batches reach micro_batch x seq_len tokens only with a full-length example; packed ones always do.
-    batch = f"{s.micro_batch}{' packed rows' if s.packing else ''} x {s.seq_len} tokens"
-    rows.append((f"{label}, {batch}", activations))
+    rows = [(f"{label}, {s.micro_batch}{' packed rows' if s.packing else ''} x {s.seq_len} tokens", activations)]
     if s.packing:  # SDPA keeps packed sequences apart with a boolean block-diagonal mask per row; flash-attention: none
         rows.append((f"attention masks of the packed rows (SDPA; none with flash-attention 2): {s.micro_batch} x "
                      f"{s.seq_len}^2 bytes", s.micro_batch * s.seq_len * s.seq_len))
     logits_bytes = 4 if s.loss == "full" else 2 + 4 / 8
     rows.append((f"logits and loss: {a.vocab} vocabulary x {tokens} tokens", a.vocab * tokens * logits_bytes))
-    if s.fsdp:
-        layer_params = sum(i * o for i, o in shapes.values())
-        per_param = {4: 0.5 + 1 / NF4_BLOCK, 8: 1.0}.get(s.bits, s.weight_bytes)
-        rows.append((f"FSDP: 2 decoder layers gathered unsharded ({s.gpus}-way sharding above)",
-                     2 * layer_params * per_param))
-    rows.append(("runtime overhead (CUDA context, workspaces, allocator)", OVERHEAD_BYTES))
-    return Plan(rows, parameters, trainable)
+    return rows
 
 
 def largest(a: Architecture, s: Setup, budget: float, field: str, step: int, limit: int) -> int:
@@ -161,9 +163,20 @@ def largest(a: Architecture, s: Setup, budget: float, field: str, step: int, lim
     return best
 
 
-def report(model: str, a: Architecture, s: Setup, budget: float, recipe: str = "") -> tuple[str, bool]:
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's memory plan, estimated once (:func:`plan_run`) and read by all that need it: the ``plan`` command's
+    table, the out-of-memory check before the weights load."""
+
+    model: str
+    architecture: Architecture
+    setup: Setup
+    plan: Plan
+
+
+def report(run: RunPlan, budget: float, recipe: str = "") -> tuple[str, bool]:
     """The breakdown table and the verdict; returns (text, fits)."""
-    plan = estimate(a, s)
+    model, a, s, plan = run.model, run.architecture, run.setup, run.plan
     fits = plan.total <= budget
     lines = [f"memory plan{' for ' + recipe if recipe else ''}: {model} ({plan.parameters / 1e9:.2f}B parameters), "
              f"{s.gpus} GPU{'s' if s.gpus > 1 else ''} x {budget / GIB:.1f} GiB, micro batch {s.micro_batch} x "
@@ -205,31 +218,37 @@ def device_memory(device: str) -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def decide_checkpointing(cfg: TrainConfig, model: str, world_size: int, memory: float) -> tuple[TrainConfig, str]:
-    """``gradient_checkpointing=auto`` settled by the memory plan of ``model`` (a directory or a name): off, and
-    about a third less compute, when the plan without it stays under 70% of ``memory``; on otherwise, and when
-    there is no plan. Returns the config with a boolean, and why, for the log."""
-    if cfg.gradient_checkpointing != "auto":
-        return cfg, f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'} (set)"
-    architecture = find_architecture(model)
+def plan_run(cfg: TrainConfig, model: str, world_size: int, memory: float
+             ) -> tuple[TrainConfig, str, RunPlan | None]:
+    """The run's memory plan for ``model`` (a directory or a name; None without one), each configuration estimated
+    once, and ``gradient_checkpointing=auto`` settled by it: off, and about a third less compute, when the plan
+    without it stays under 70% of ``memory``; on otherwise, and when there is no plan. Returns the config with a
+    boolean, why (for the log), and the plan."""
+    setting, architecture = cfg.gradient_checkpointing, find_architecture(model)
     if architecture is None:
-        return replace(cfg, gradient_checkpointing=True), "gradient checkpointing on (auto: no memory plan for it)"
-    without = estimate(architecture, replace(Setup.from_config(cfg, world_size), checkpointing=False)).total
-    off = without <= AUTO_CHECKPOINTING_SHARE * memory
-    why = (f"gradient checkpointing {'off' if off else 'on'} (auto: the plan without it, {without / GIB:.1f} GiB, "
-           f"is {'within' if off else 'over'} {AUTO_CHECKPOINTING_SHARE:.0%} of {memory / GIB:.1f} GiB)")
-    return replace(cfg, gradient_checkpointing=not off), why
+        why = "on (auto: no memory plan for it)" if setting == "auto" else f"{'on' if setting else 'off'} (set)"
+        return replace(cfg, gradient_checkpointing=setting is not False), f"gradient checkpointing {why}", None
+    setup = Setup.from_config(cfg, world_size)
+    if setting != "auto":
+        return cfg, f"gradient checkpointing {'on' if setting else 'off'} (set)", \
+            RunPlan(model, architecture, setup, estimate(architecture, setup))
+    without = estimate(architecture, replace(setup, checkpointing=False))
+    off = without.total <= AUTO_CHECKPOINTING_SHARE * memory
+    why = (f"gradient checkpointing {'off' if off else 'on'} (auto: the plan without it, {without.total / GIB:.1f} "
+           f"GiB, is {'within' if off else 'over'} {AUTO_CHECKPOINTING_SHARE:.0%} of {memory / GIB:.1f} GiB)")
+    setup = replace(setup, checkpointing=not off)
+    return replace(cfg, gradient_checkpointing=not off), why, \
+        RunPlan(model, architecture, setup, without if off else estimate(architecture, setup))
 
 
-def check_memory(cfg: TrainConfig, world_size: int, gpu_bytes: float) -> None:
-    """Stops before any weight loads when the plan predicts out-of-memory (``force=true`` overrides)."""
-    architecture = find_architecture(cfg.model)
-    if architecture is None:
+def check_memory(run: RunPlan | None, cfg: TrainConfig, gpu_bytes: float) -> None:
+    """Stops before any weight loads when the run's plan predicts out-of-memory (``force=true`` overrides)."""
+    if run is None:
         logger.info(f"memory plan skipped: no config for {cfg.model} and not a built-in architecture")
         return
-    text, fits = report(cfg.model, architecture, Setup.from_config(cfg, world_size), gpu_bytes, cfg.recipe)
-    if fits:
+    if run.plan.total <= gpu_bytes:
         return
+    text, _ = report(run, gpu_bytes, cfg.recipe)
     if cfg.force:
         logger.warning("the memory plan predicts out-of-memory; going on because force=true\n" + text)
         return
@@ -263,10 +282,9 @@ def load_plan_config(argv: list[str]) -> PlanConfig:
 
 
 def run(cfg: PlanConfig) -> int:
-    cfg, why = decide_checkpointing(cfg, cfg.model, cfg.gpus, parse_memory(cfg.gpu_memory))
+    cfg, why, planned = plan_run(cfg, cfg.model, cfg.gpus, parse_memory(cfg.gpu_memory))
     print(why)
-    text, fits = report(cfg.model, find_architecture(cfg.model), Setup.from_config(cfg, cfg.gpus),
-                        parse_memory(cfg.gpu_memory), cfg.recipe)
+    text, fits = report(planned, parse_memory(cfg.gpu_memory), cfg.recipe)
     print(text)
     return 0 if fits else 1
 

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alpaca_lora.common.errors import ConfigError, DataError
 from alpaca_lora.common.logs import EVERY_RANK, get_logger
-from alpaca_lora.common.paths import atomic_write_text
+from alpaca_lora.common.paths import atomic_write_text, plain_permissions
 from alpaca_lora.common.settings import entry_point
 from alpaca_lora.data.examples import DataSummary, split_records, summarize, tokenize_records
 from alpaca_lora.data.loading import LoadedData, load_records
 from alpaca_lora.data.templates import ModelTemplate, Prompter, PromptTemplate, get_template, set_chat_template
 from alpaca_lora.train import launcher
 from alpaca_lora.train.adapter import check_adapter
-from alpaca_lora.train.config import TrainConfig, help_text, load_config
+from alpaca_lora.train.config import TrainConfig, help_text, load_config, warmup_problem
 from alpaca_lora.train.packing import BatchPlan, batch_plan
 from alpaca_lora.train.runtime import (
     Runtime,
@@ -74,8 +75,8 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
 
     data = setup_data(cfg)
     cfg = replace(cfg, multi_turn=data.multi_turn)  # decided by the data: saved for serving, merge and export
-    cfg = settle_checkpointing(cfg, runtime, data.model_path)
-    args = setup_run(cfg, runtime, data)
+    cfg, memory_plan = settle_checkpointing(cfg, runtime, data.model_path)
+    args = setup_run(cfg, runtime, data, memory_plan)
     model = setup_model(cfg, runtime, data.model_path)
     trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
     scored = data.val_records[: cfg.exact_match_eval]
@@ -85,13 +86,14 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     return finish(cfg, data, trainer, result, before, after)
 
 
-def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str) -> TrainConfig:
-    """``gradient_checkpointing=auto`` decided by the memory plan for this device, and said in the log."""
-    from alpaca_lora.train.plan import decide_checkpointing, device_memory
+def settle_checkpointing(cfg: TrainConfig, runtime: Runtime, model: str):
+    """The run's memory plan for this device (estimated once; None without one), with ``gradient_checkpointing=auto``
+    decided by it and said in the log."""
+    from alpaca_lora.train.plan import device_memory, plan_run
 
-    cfg, why = decide_checkpointing(cfg, model, runtime.world_size, device_memory(runtime.device))
+    cfg, why, memory_plan = plan_run(cfg, model, runtime.world_size, device_memory(runtime.device))
     logger.info(why)
-    return cfg
+    return cfg, memory_plan
 
 
 def setup_data(cfg: TrainConfig) -> PreparedData:
@@ -100,14 +102,18 @@ def setup_data(cfg: TrainConfig) -> PreparedData:
     from alpaca_lora.model import load_tokenizer, resolve_model
     from alpaca_lora.train.checkpoints import check_output_dir, find_checkpoint
 
+    check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg)  # before the data: a download or tokenization would be wasted on a typo
     template = get_template(cfg.template)
     data = load_records(cfg.data, cfg.columns, max_download_bytes=cfg.max_download_bytes, conversations=True)
     if not data.records:
         raise DataError(f"{data.source}: no records to train on")
     multi_turn = decide_multi_turn(cfg, data)
-    train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
-    check_output_dir(cfg)
-    checkpoint = find_checkpoint(cfg)
+    try:
+        train_records, val_records = split_records(data.records, cfg.val_set_size, cfg.seed)
+    except DataError as exc:  # the recipes' 2000 rows (Stanford's split of 52K) against a small set of one's own
+        raise ConfigError(f"key 'val_set_size': {data.source}: {exc}; a fraction (val_set_size=0.05) or 0 (no "
+                          "validation split) fits any size") from None
     model_path = resolve_model(cfg.model)
     tokenizer = set_chat_template(load_tokenizer(model_path, cfg.trust_remote_code), template, multi_turn)  # saved
     train_set, stats = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation, multi_turn)
@@ -135,7 +141,7 @@ def decide_multi_turn(cfg: TrainConfig, data: LoadedData) -> bool:
     return data.conversations if cfg.multi_turn is None else bool(cfg.multi_turn)
 
 
-def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
+def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData, memory_plan=None):
     """The run's plan saved beside its outputs, the SFTConfig built, and the GPU's memory checked,
     all before the weights load."""
     import torch
@@ -153,6 +159,11 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
                               cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg), runtime.world_size,
                               cfg.packing)
     logger.info("; ".join(data.batches.lines()))
+    if cfg.max_steps < 1:  # an epoch run's length is known now (max_steps was checked with the settings)
+        steps = math.ceil(cfg.num_epochs * data.batches.steps_per_epoch)
+        short_run = warmup_problem(cfg.warmup, steps, f"the run's {steps} steps ({cfg.num_epochs:g} epochs)")
+        if short_run:
+            raise ConfigError(f"key 'warmup': {short_run}")
     try:  # SFTConfig checks its own fields
         args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
     except ValueError as exc:
@@ -162,7 +173,7 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData):
         from alpaca_lora.train.plan import check_memory
 
         gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        check_memory(cfg, runtime.world_size, gpu_bytes)
+        check_memory(memory_plan, cfg, gpu_bytes)
     return args
 
 
@@ -232,6 +243,8 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))  # every rank takes part in gathering; only rank 0 writes
     if trainer.is_world_process_zero():
+        plain_permissions(*output_dir.glob("*.safetensors"))  # safetensors writes 0600 whatever the umask
+        atomic_write_text(output_dir / "README.md", model_card(cfg, data, trainer.state.global_step))
         if full:
             metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
         else:
@@ -254,6 +267,25 @@ def _name_base_as_given(path: Path, model: str) -> None:
     if config.get("base_model_name_or_path") != model:
         config["base_model_name_or_path"] = model
         atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # as peft writes it
+
+
+def model_card(cfg: TrainConfig, data: PreparedData, steps: int) -> str:
+    """The README.md beside the weights, in place of TRL's, which names a base on disk "[None](https://huggingface.co/
+    None)": the base as given, the run in one sentence, and the commands that use it."""
+    on_hub = data.model_path == cfg.model and not Path(cfg.model).expanduser().exists()
+    base = f"[{cfg.model}](https://huggingface.co/{cfg.model})" if on_hub else f"`{cfg.model}`"
+    kind = "A full fine-tune of" if cfg.finetune == "full" else \
+        f"A LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, on {', '.join(cfg.lora.target_modules)}) for"
+    use = f"model={cfg.output_dir}" if cfg.finetune == "full" else f"adapter={cfg.output_dir}"
+    front = ([f"base_model: {cfg.model}"] if on_hub else []) + \
+        ([] if cfg.finetune == "full" else ["library_name: peft"]) + ["tags: [alpaca-lora, sft, trl]"]
+    return "\n".join([
+        "---", *front, "---", "", f"# {Path(cfg.output_dir).name}", "",
+        f"{kind} {base}, trained with alpaca-lora (recipe `{cfg.recipe}`) on `{cfg.data}`: {len(data.train_set)} "
+        f"training examples, {steps} optimizer steps, prompted with the `{cfg.template}` template. "
+        "`training_config.yaml` holds every setting of the run, `metrics.json` its results.", "",
+        "```bash", f'alpaca-lora generate {use} instruction="..."',
+        *([] if cfg.finetune == "full" else [f"alpaca-lora merge {use} output={cfg.output_dir}-merged"]), "```", ""])
 
 
 def _exact_match(model, data: PreparedData, records: list[dict], label: str):
@@ -301,7 +333,7 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         runtime = resolve_runtime(cfg)
         if cfg.dry_run:
             if runtime.device == "cpu" or torch.cuda.is_available():  # else: decided on the GPU at start-up
-                cfg = settle_checkpointing(cfg, runtime, cfg.model)
+                cfg, _ = settle_checkpointing(cfg, runtime, cfg.model)
             print(resolved_yaml(cfg, runtime, has_eval=cfg.val_set_size > 0), end="")
             for line in dry_run_batches(cfg, runtime):  # on stderr: stdout stays the plan, pure YAML
                 logger.info(line)

@@ -57,7 +57,7 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def checkpointing(cfg: TrainConfig) -> bool:
-    """Gradient checkpointing on or off; ``auto`` not yet decided by the memory plan (``plan.decide_checkpointing``)
+    """Gradient checkpointing on or off; ``auto`` not yet decided by the memory plan (``plan.plan_run``)
     counts as on, the choice that cannot run out of memory for it."""
     return cfg.gradient_checkpointing is not False
 

@@ -190,4 +190,15 @@ def test_output_names():
     cfg = load_builder_config(["model=m", "output=out/data.json"])
     assert (str(cfg.journal_path), str(cfg.summary_path)) == ("out/data.journal.jsonl", "out/data.summary.json")
     assert cfg.stop_sequences == ["21. Instruction"]
-    assert str(load_builder_config(["mode=clean", "input=x/a.json"]).output_path) == "a.clean.json"
+
+
+
+def test_clean_and_regenerate_write_beside_a_local_input_and_under_outputs_for_a_download():
+    """--help says INPUT.clean.json: beside the input, not in the current directory (the folder was dropped)."""
+    assert str(load_builder_config(["mode=clean", "input=x/a.json"]).output_path) == "x/a.clean.json"
+    assert str(load_builder_config(["mode=regenerate", "model=m", "input=x/y/a.jsonl"]).output_path) == \
+        "x/y/a.regenerated.json"
+    assert str(load_builder_config(["mode=clean", "input=https://example.com/d/alpaca_data.json"]).output_path) == \
+        "outputs/self_instruct/alpaca_data.clean.json"
+    assert str(load_builder_config(["mode=clean", "input=tatsu-lab/alpaca"]).output_path) == \
+        "outputs/self_instruct/alpaca.clean.json"

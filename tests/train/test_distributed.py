@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from alpaca_lora.common.errors import UserError
 from alpaca_lora.train.config import load_config
 from alpaca_lora.train.launcher import relaunch_if_needed, under_launcher
-from alpaca_lora.train.plan import check_memory
+from alpaca_lora.train.plan import check_memory, plan_run
 from alpaca_lora.train.runtime import resolve_runtime
 
 TESTS = Path(__file__).resolve().parent
@@ -106,12 +106,16 @@ def test_launched_ranks_run_as_they_are_and_srun_tasks_are_adopted(monkeypatch):
 
 
 def test_train_stops_before_loading_weights_when_the_plan_says_oom(capsys):
+    def check(cfg, gpu_bytes=24 * 1024**3):  # as train does on a GPU: the run's plan, then the check
+        cfg, _, memory_plan = plan_run(cfg, cfg.model, 1, gpu_bytes)
+        check_memory(memory_plan, cfg, gpu_bytes)
+
     cfg = load_config(["recipe=qlora_fsdp", "model=llama-2-70b", "fsdp=", "micro_batch_size=1"])
     with pytest.raises(UserError, match="the memory plan above predicts out-of-memory"):
-        check_memory(cfg, 1, 24 * 1024**3)  # 70B in 4-bit on one 24 GB GPU: no
+        check(cfg)  # 70B in 4-bit on one 24 GB GPU: no
     assert "DOES NOT FIT in 24.0 GiB" in capsys.readouterr().err
     forced = load_config(["recipe=qlora_fsdp", "model=llama-2-70b", "fsdp=", "force=true"])
-    check_memory(forced, 1, 24 * 1024**3)  # warned, not stopped
+    check(forced)  # warned, not stopped
     assert "going on because force=true" in capsys.readouterr().err
-    check_memory(load_config(["recipe=qlora", "model=llama-2-7b"]), 1, 24 * 1024**3)  # fits: silent
+    check(load_config(["recipe=qlora", "model=llama-2-7b"]))  # fits: silent
     assert capsys.readouterr() == ("", "")

@@ -102,24 +102,26 @@ def test_plan_command(capsys, tmp_path):
 
 @pytest.mark.parametrize("memory, on", [(80 * GIB, False), (8 * GIB, True)])
 def test_auto_checkpointing_is_off_only_when_the_plan_without_it_fits(memory, on):
-    from alpaca_lora.train.plan import decide_checkpointing
+    from alpaca_lora.train.plan import plan_run
 
     cfg = load_config(["recipe=qlora", "model=llama-2-7b", "micro_batch_size=4", "max_length=512"])
     assert cfg.gradient_checkpointing == "auto"
-    decided, why = decide_checkpointing(cfg, cfg.model, 1, memory)
+    decided, why, run = plan_run(cfg, cfg.model, 1, memory)
+    assert run.setup.checkpointing is on and run.plan == estimate(run.architecture, run.setup)
     assert decided.gradient_checkpointing is on and why.startswith(f"gradient checkpointing {'on' if on else 'off'}")
     without = estimate(ARCHITECTURES["llama-2-7b"], replace(planned(micro_batch=4, seq_len=512), checkpointing=False))
     assert (without.total > 0.7 * memory) is on  # the rule: off only under 70% of the memory
 
 
 def test_checkpointing_set_by_hand_or_without_a_plan_is_on_or_as_set(tmp_path):
-    from alpaca_lora.train.plan import decide_checkpointing
+    from alpaca_lora.train.plan import plan_run
 
     for value in (True, False):
         cfg = load_config(["model=llama-2-7b", f"gradient_checkpointing={str(value).lower()}"])
-        assert decide_checkpointing(cfg, cfg.model, 1, 1e15)[0].gradient_checkpointing is value
+        assert plan_run(cfg, cfg.model, 1, 1e15)[0].gradient_checkpointing is value
     unknown = load_config([f"model={tmp_path}/no-such-model"])
-    assert decide_checkpointing(unknown, unknown.model, 1, 1e15)[0].gradient_checkpointing is True
+    assert plan_run(unknown, unknown.model, 1, 1e15)[0].gradient_checkpointing is True
+    assert plan_run(unknown, unknown.model, 1, 1e15)[2] is None
 
 
 def test_checkpointing_key_is_checked():
@@ -131,3 +133,43 @@ def test_plan_command_says_what_auto_checkpointing_chose(capsys):
     main(["model=llama-2-7b", "gpu_memory=80GB"])
     out = capsys.readouterr().out
     assert out.startswith("gradient checkpointing off (auto") and "every layer kept (no checkpointing)" in out
+
+
+def test_a_runs_memory_plan_is_estimated_once(monkeypatch, capsys):
+    """``plan`` (and ``train`` on a GPU) estimated the run's plan twice: once to settle gradient_checkpointing=auto,
+    once more for the table or the out-of-memory check. (The table's "largest micro batch" lines estimate other
+    configurations; those are not the run's.)"""
+    from alpaca_lora.train import plan
+
+    estimated, searching = [], []
+    real_estimate, real_largest = plan.estimate, plan.largest
+
+    def estimate(a, s):
+        if not searching:
+            estimated.append(s)
+        return real_estimate(a, s)
+
+    def largest(*args):
+        searching.append(True)
+        try:
+            return real_largest(*args)
+        finally:
+            searching.clear()
+
+    monkeypatch.setattr(plan, "estimate", estimate)
+    monkeypatch.setattr(plan, "largest", largest)
+    assert main(["recipe=qlora", "model=llama-2-7b", "gpu_memory=80GB"]) == 0
+    assert "gradient checkpointing off" in capsys.readouterr().out
+    run = Setup.from_config(load_config(["recipe=qlora", "model=llama-2-7b", "gradient_checkpointing=false"]), 1)
+    assert estimated.count(run) == 1
+
+
+def test_a_gpu_runs_out_of_memory_check_reads_the_plan_it_was_settled_with(monkeypatch):
+    """What ``train`` does on a GPU: the plan settles gradient_checkpointing=auto, then the out-of-memory check reads
+    that plan (it estimated the run a second time, and searched the largest batch for a table no one saw)."""
+    from alpaca_lora.train import plan
+
+    cfg = load_config(["recipe=qlora", "model=llama-2-7b"])
+    cfg, _, run = plan.plan_run(cfg, cfg.model, 1, 24 * GIB)
+    monkeypatch.setattr(plan, "estimate", lambda a, s: pytest.fail("estimated again"))
+    plan.check_memory(run, cfg, 24 * GIB)

@@ -123,3 +123,11 @@ def test_adapter_check_refuses_an_untrained_adapter(tiny_model_dir, tmp_path):
         check_adapter(tmp_path)
     with pytest.raises(AdapterError, match="not written"):
         check_adapter(tmp_path / "missing")
+
+
+def test_exact_match_before_and_after_training_is_scored(tiny_model_dir, tmp_path):
+    """``exact_match_eval`` (the demo's table) scores held-out rows before and after training; the scorer's import
+    broke when generation moved to inference.generation, and only a run with the key set would say so."""
+    result = main(tiny_run(tiny_model_dir, tmp_path, "max_steps=2", "val_set_size=4", "exact_match_eval=4"))
+    scored = result.metrics["exact_match"]
+    assert scored["examples"] == 4 and 0 <= scored["before"] <= 1 and 0 <= scored["after"] <= 1

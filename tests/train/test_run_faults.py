@@ -274,3 +274,110 @@ def test_no_usable_example_is_one_line_naming_the_file_before_the_model_loads(ti
     error = last_error(capsys)
     assert error.startswith(f"error: {data}:") and reason in error, error
     assert not (tmp_path / "out").exists()
+
+
+# --- what a run leaves for others, and for the next run ---------------------------------------------------
+
+
+def test_a_runs_outputs_are_readable_as_plain_writes_would_be(run_a):
+    """Under umask 022 adapter_model.safetensors was 0600 (safetensors 0.8 writes owner-only), and so were
+    metrics.json and training_config.yaml (atomic writes): a serving account got Permission denied."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    out = run_a / "out"
+    for name in ("adapter_model.safetensors", "metrics.json", SAVED_CONFIG, "loss.png",
+                 "checkpoint-4/adapter_model.safetensors", f"checkpoint-4/{SAVED_CONFIG}"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_the_adapters_model_card_names_its_base_model(tiny_model_dir, run_a):
+    """TRL's card said "fine-tuned version of [None](https://huggingface.co/None)" for any base on disk."""
+    card = (run_a / "out" / "README.md").read_text()
+    assert "None" not in card and str(tiny_model_dir) in card and "alpaca-lora generate adapter=" in card
+
+
+def test_overwrite_removes_the_previous_runs_tensorboard_logs(tiny_model_dir, run_a, tmp_path):
+    out = copy_of(run_a, tmp_path)
+    (out / "runs" / "Dec01_10-00-00_old").mkdir(parents=True)
+    (out / "runs" / "Dec01_10-00-00_old" / "events.out.tfevents.1.old").write_bytes(b"old")
+    main(again(tiny_model_dir, run_a, tmp_path, "max_steps=1", "warmup=0", "overwrite=true"))
+    assert not (out / "runs" / "Dec01_10-00-00_old").exists()
+
+
+# --- max_steps and the learning-rate schedule -------------------------------------------------------------
+
+SHORT_RUNS = [
+    # max_steps=1 with the demo's warmup 0.05: one warmup step, taken at learning rate 0; trained nothing, then
+    # "every LoRA B weight is zero" after the run, and the output directory refused a rerun.
+    pytest.param(["max_steps=1", "warmup=0.05"], "key 'warmup': 0.05 of max_steps=1 is 1 warmup step", id="1-step"),
+    pytest.param(["max_steps=10", "warmup=10"], "key 'warmup': 10 warmup steps", id="warmup-steps"),
+    # max_steps=0 trained one step and exited 0 (the dry run showed max_steps: 0 beside num_train_epochs: 3.0)
+    pytest.param(["max_steps=0"], "key 'max_steps' must be -1 (train num_epochs) or at least 1", id="0-steps"),
+    pytest.param(["max_steps=-2"], "key 'max_steps' must be -1 (train num_epochs) or at least 1", id="-2-steps"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", SHORT_RUNS)
+def test_a_run_that_cannot_train_is_refused_before_anything_loads(tmp_path, capsys, overrides, message):
+    args = tiny_run(tmp_path / "no-model-here", tmp_path, *overrides)
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    assert message in last_error(capsys)
+    assert not (tmp_path / "out").exists()  # nothing claimed: a corrected rerun needs no overwrite=true
+    with pytest.raises(SystemExit):
+        main([*args, "dry_run=true"])
+    assert message in last_error(capsys)
+
+
+def test_an_epoch_run_shorter_than_its_warmup_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    """With max_steps=-1 the number of steps is known once the data is (before the model loads): 24 records packed
+    into rows of 64 tokens, 4 rows a step, one epoch."""
+    args = tiny_run(tokenizer_only(tiny_model_dir, tmp_path), tmp_path, "num_epochs=1", "warmup=100")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert re.search(r"key 'warmup': 100 warmup steps, not fewer than the run's \d+ steps", last_error(capsys))
+
+
+class LearningRates(TrainerCallback):
+    def __init__(self):
+        self.rates = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self.rates[state.global_step] = lr_scheduler.get_last_lr()[0]
+
+
+def test_resuming_with_a_larger_max_steps_follows_the_new_schedule(tiny_model_dir, tmp_path):
+    """A cosine schedule over 4 steps has decayed by step 4; resumed with max_steps=8, the rate must be the
+    8-step schedule's (documented in docs/train.md), not the old one's near-zero tail."""
+    import math
+
+    main(tiny_run(tiny_model_dir, tmp_path, "max_steps=4", "save_steps=4", "lr_scheduler=cosine"))
+    rates = LearningRates()
+    cfg = load_config(tiny_run(tiny_model_dir, tmp_path, "max_steps=8", "lr_scheduler=cosine",
+                               "resume_from_checkpoint=true"))
+    train(cfg, resolve_runtime(cfg), callbacks=[rates])
+    assert sorted(rates.rates) == [5, 6, 7, 8]
+    for step, rate in rates.rates.items():
+        assert rate == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * step / 8)), rel=1e-6), step
+
+
+def test_resume_without_a_checkpoint_is_refused_before_the_data_is_read(tmp_path, capsys):
+    """The data was downloaded and tokenized before the missing checkpoint was noticed."""
+    args = tiny_run(tmp_path / "no-model-here", tmp_path, "resume_from_checkpoint=true")
+    (tmp_path / "data.json").unlink()  # reading it would fail first
+    with pytest.raises(SystemExit):
+        main(args)
+    error = last_error(capsys)
+    assert "key 'resume_from_checkpoint'" in error and "no checkpoint-* yet" in error
+
+
+def test_a_validation_split_the_data_cannot_hold_names_the_key_and_the_fix_before_the_model_loads(
+        tiny_model_dir, tmp_path, capsys):
+    """The recipes' val_set_size=2000 (Stanford's 2,000 of 52K) against any set of one's own under 2,000 rows."""
+    args = tiny_run(tokenizer_only(tiny_model_dir, tmp_path), tmp_path, "val_set_size=2000")
+    with pytest.raises(SystemExit):
+        main(args)
+    error = last_error(capsys)
+    assert error.startswith(f"error: key 'val_set_size': {tmp_path / 'data.json'}: ") and "24 rows" in error
+    assert "val_set_size=0.05" in error

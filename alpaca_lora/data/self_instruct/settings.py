@@ -30,8 +30,8 @@ class BuilderConfig(EndpointSettings):
     target: int = key(52000, "instructions to keep (generate)")
     input: Optional[str] = key(None, "Alpaca data to regenerate or clean (.json/.jsonl, URL, hub id)")
     output: Optional[str] = key(None, "final Alpaca JSON; the journal and summary are written beside it "
-                                      "(default: outputs/self_instruct/alpaca_data.json, "
-                                      "or INPUT.regenerated/.clean.json)")
+                                      "(default: outputs/self_instruct/alpaca_data.json; INPUT.regenerated/.clean.json "
+                                      "beside a local input, under outputs/self_instruct/ for a URL or hub id)")
     template: str = key("alpaca", "prompt template for regenerate: the prompt the fine-tuned model will see")
     similarity: float = key(0.7, "drop an instruction whose ROUGE-L F1 with a seed or kept one is above this")
     temperature: Optional[float] = key(1.0, "sampling temperature (Stanford: 1.0); null to leave it to the server")
@@ -50,7 +50,14 @@ class BuilderConfig(EndpointSettings):
             return Path(self.output)
         if self.mode == "generate":
             return Path("outputs/self_instruct/alpaca_data.json")
-        return Path(Path(self.input).stem + (".regenerated.json" if self.mode == "regenerate" else ".clean.json"))
+        suffix = ".regenerated.json" if self.mode == "regenerate" else ".clean.json"
+        local = Path(self.input).expanduser()
+        downloaded = self.input.startswith(("http://", "https://", "builtin:"))
+        if not downloaded and (local.is_file() or local.suffix in (".json", ".jsonl") or
+                               self.input.startswith((".", "/", "~"))):
+            return local.with_name(local.stem + suffix)  # beside the input, as --help says
+        name = Path(self.input.split("?", 1)[0].removeprefix("builtin:").rstrip("/")).stem or "data"
+        return Path("outputs/self_instruct") / (name + suffix)  # a URL, hub or built-in set: under outputs/
 
     @property
     def journal_path(self) -> Path:
