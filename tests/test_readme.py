@@ -79,6 +79,9 @@ def why_not_run(stage: str, args: list[str]) -> str | None:
         return "downloads Self-Instruct's 252 instructions from GitHub (set= or held_out= answer offline)"
     if stage == "evaluate" and sub == "judge" and keys.get("judge") != "reference":
         return "needs a judge model through an OpenAI-compatible endpoint: a paid key (OPENAI_API_KEY)"
+    if stage == "evaluate" and sub == "harness" and any(
+            not task.endswith((".yaml", ".yml")) and not Path(task).is_dir() for task in keys.get("tasks", "").split(",")):
+        return "lm-eval downloads a named task's data from the hub (task YAML files run offline)"
     if stage == "arena" and sub == "report":
         return "reads the judgments of a paid judge's run (evaluate judge ... b=text-davinci-003)"
     if stage == "arena":
@@ -269,9 +272,8 @@ def validators() -> dict:
         return load_builder_config([f"mode={args[0]}", *args[1:]] if args and args[0] in cli.DATA_MODES else args)
 
     def arena(args: list[str]):
-        if args[:1] == ["report"]:
-            if _keys(args).get("db"):
-                ArenaStore(_keys(args)["db"])  # it reads the votes database the arena made when it started
+        if args[:1] == ["report"]:  # it reads the votes database the arena made when it started
+            ArenaStore(_keys(args).get("db") or ARENA["report"].schema().db)
             return ARENA["report"].load(args[1:])
         cfg = ARENA[""].load(args)
         ArenaStore(cfg.db)  # the arena opens its votes database when it starts
