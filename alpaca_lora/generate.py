@@ -99,7 +99,7 @@ def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: Ge
 def run(cfg: GenerateConfig) -> int:
     data = load_records(cfg.input_file, need_output=False) if cfg.input_file else None  # checked before loading
     loaded = load_for_inference(cfg)
-    loaded.engine(EngineSettings(max_batch=cfg.batch_size if data is not None else 1))  # its KV cache is sized so
+    loaded.start_engine(EngineSettings(max_batch=cfg.batch_size if data is not None else 1))  # its KV cache is sized so
     if data is not None:
         generate_file(loaded, data.records, data.source, cfg)
     elif cfg.instruction is not None:

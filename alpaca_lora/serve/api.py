@@ -23,7 +23,7 @@ from alpaca_lora.serve.serving import OpenAIServing, PreparedRequest, ResponseBu
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig):
     """The ASGI app serving ``loaded`` as ``cfg`` says: its generation engine starts here, stops with the app."""
-    engine = loaded.engine(cfg)
+    engine = loaded.start_engine(cfg)
     serving = OpenAIServing(loaded, engine, cfg.served_model_name or loaded.name, cfg.default_max_tokens)
 
     @asynccontextmanager

@@ -183,7 +183,7 @@ def test_log_probabilities_are_those_of_a_forward_pass(engine, model, tiny_token
 
 def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
     loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[4]), device="cpu"))
-    engine = loaded.engine(EngineSettings(max_batch=2))
+    engine = loaded.start_engine(EngineSettings(max_batch=2))
     try:
         assert engine.description.startswith("continuous batching")
         prompt = loaded.encode(loaded.prompt(fact["instruction"]))
@@ -191,3 +191,20 @@ def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
         assert [a.wait().text for a in answers] == [fact["output"]] * 2
     finally:
         engine.close()
+
+
+def test_the_engine_is_started_explicitly_and_settings_are_never_ignored(tiny_model_dir):
+    loaded = load_for_inference(inference_settings(model=str(tiny_model_dir), device="cpu"))
+    with pytest.raises(RuntimeError, match="start_engine"):
+        loaded.engine()  # nothing started it
+    engine = loaded.start_engine(EngineSettings(max_batch=2, batching="off"))
+    try:
+        assert loaded.engine() is engine and loaded.engine(EngineSettings(max_batch=2, batching="off")) is engine
+        with pytest.raises(RuntimeError, match="already running"):
+            loaded.start_engine(EngineSettings(max_batch=3, batching="off"))
+        with pytest.raises(RuntimeError, match="other settings"):  # not silently the first call's
+            loaded.engine(EngineSettings(max_batch=3, batching="off"))
+    finally:
+        engine.close()
+    assert loaded.start_engine(EngineSettings(max_batch=3, batching="off")).settings.max_batch == 3
+    loaded.engine().close()

@@ -1,0 +1,81 @@
+"""Requests continuous batching does not take (beam search, repetition_penalty, top_k), generated with
+``model.generate``, left-padded together, each token handed to its request as it comes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from alpaca_lora.common.logs import get_logger
+from alpaca_lora.inference.engine.request import EngineRequest
+
+log = get_logger(__name__)
+
+
+class _StopWhenEnded(StoppingCriteria):
+    """Ends each row of a direct generation once its request has ended (cancelled, or a stop string)."""
+
+    def __init__(self, requests: list[EngineRequest]):
+        self.requests = requests
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([r.done for r in self.requests], dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenStreamer(BaseStreamer):
+    """Hands each new token of a direct generation to its request (stop strings are seen as they come)."""
+
+    def __init__(self, requests: list[EngineRequest], eos_ids: set[int]):
+        self.requests, self.eos_ids = requests, eos_ids
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        for request, tokens, token in zip(self.requests, self.tokens, value.reshape(len(self.requests)).tolist()):
+            if not tokens or tokens[-1] not in self.eos_ids:
+                tokens.append(token)
+                request._advance(tokens, finished=False)
+
+    def end(self) -> None:
+        pass
+
+
+def generation_kwargs(requests: list[EngineRequest], tokenizer, eos_ids: set[int]) -> dict:
+    """``model.generate``'s settings for requests that share one Sampling: all spelled out, so that a model's
+    generation_config cannot change them."""
+    s = requests[0].sampling
+    kwargs = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "do_sample": not s.greedy,
+              "temperature": None, "top_p": None, "top_k": None, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id,
+              "stopping_criteria": StoppingCriteriaList([_StopWhenEnded(requests)])}
+    if not s.greedy and s.num_beams == 1:
+        kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    if s.num_beams > 1:
+        kwargs["early_stopping"] = True
+    else:
+        kwargs["streamer"] = _TokenStreamer(requests, eos_ids)
+    if s.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = s.repetition_penalty
+    return kwargs
+
+
+def generate_directly(model, tokenizer, requests: list[EngineRequest], eos_ids: set[int], model_to_myself) -> None:
+    """Generates ``requests`` with ``model.generate`` (inside ``model_to_myself()``: the batch pauses); each
+    ends as its tokens say, or with the error if generation fails (the engine goes on)."""
+    padded = tokenizer.pad({"input_ids": [r.prompt_ids for r in requests]}, padding_side="left",
+                           return_tensors="pt").to(model.device)
+    try:
+        with model_to_myself(), torch.no_grad():
+            output = model.generate(**padded, **generation_kwargs(requests, tokenizer, eos_ids))
+    except Exception as exc:  # noqa: BLE001 - the requests fail, the engine goes on
+        log.exception("generation failed")
+        for request in requests:
+            request._advance(request.token_ids, True, error=f"generation failed: {type(exc).__name__}: {exc}")
+        return
+    for request, row in zip(requests, output[:, padded["input_ids"].shape[1]:].tolist()):
+        ends = [i for i, token in enumerate(row) if token in eos_ids]
+        request._advance(row[:ends[0] + 1] if ends else row, finished=True)
