@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, List, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOP_LOGPROBS = 5
 
@@ -58,6 +58,14 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _a_count(cls, value):
+        if isinstance(value, bool):  # JSON true/false would pass as 1/0
+            raise ValueError(f"for completions an integer 0..{MAX_TOP_LOGPROBS} (alternatives listed per token) or "
+                             "null; true/false is the chat API's form")
+        return value
 
 
 class ChatMessage(BaseModel):

@@ -12,7 +12,17 @@ import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from alpaca_lora.inference.engine import Engine, EngineError, EngineRequest, QueueFull, Sampling, follow
+from alpaca_lora.inference.engine import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineRequest,
+    QueueFull,
+    Sampling,
+    TokenBytes,
+    TokenLogprob,
+    follow,
+)
 from alpaca_lora.inference.loading import LoadedModel
 from alpaca_lora.serve.protocol import (
     UNSUPPORTED,
@@ -119,22 +129,32 @@ class OpenAIServing:
                                request.stream_options)
 
 
-def _choice_logprobs(tokenizer, entries, chat: bool) -> dict:
-    """OpenAI's logprobs object for these tokens: chat's ``content`` list, or the completions' columns."""
-    def token(token_id: int) -> str:
-        return tokenizer.decode([token_id])
+class LogprobsFormat:
+    """OpenAI's logprobs objects for scored tokens: chat's ``content`` list (each token with its own ``bytes``),
+    or the completions' columns (``text_offset`` in characters of the text, counted on the tokens' bytes)."""
 
-    def entry(token_id: int, logprob: float) -> dict:
-        return {"token": token(token_id), "logprob": logprob, "bytes": list(token(token_id).encode("utf-8"))}
+    def __init__(self, tokenizer):
+        self.tokenizer, self.token_bytes = tokenizer, TokenBytes(tokenizer)
 
-    if chat:
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat(self, entries: list[TokenLogprob]) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            return {"token": self.token(token_id), "logprob": logprob, "bytes": list(self.token_bytes(token_id))}
+
         return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
                             for e in entries], "refusal": None}
-    strings = [token(e.token_id) for e in entries]
-    offsets = [sum(len(s) for s in strings[:i]) for i in range(len(strings))]
-    return {"tokens": strings, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{**{token(t): lp for t, lp in e.top}, token(e.token_id): e.logprob} for e in entries],
-            "text_offset": offsets}
+
+    def completion(self, entries: list[TokenLogprob], offset: bytes = b"") -> dict:
+        """The columns; ``offset``: the bytes of the text before these tokens (an earlier chunk's)."""
+        offsets, seen = [], offset
+        for e in entries:
+            offsets.append(len(seen.decode("utf-8", errors="ignore")))  # whole characters before the token
+            seen += b"" if self.token_bytes.is_special(e.token_id) else self.token_bytes(e.token_id)
+        return {"tokens": [self.token(e.token_id) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{self.token(t): lp for t, lp in e.top}, self.token(e.token_id): e.logprob}
+                                 for e in entries], "text_offset": offsets}
 
 
 class ResponseBuilder:
@@ -144,14 +164,23 @@ class ResponseBuilder:
                  scorers, stream_options: dict | None):
         self.loaded, self.chat, self.requests, self.copies, self.scorers = loaded, chat, requests, copies, scorers
         self.include_usage = bool((stream_options or {}).get("include_usage"))
+        self.format = LogprobsFormat(loaded.tokenizer)
+        self._scored_bytes = [b"" for _ in requests]  # the bytes of each request's tokens scored so far
         self.ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.head = {"id": self.ident, "created": int(time.time()), "model": model_id}
 
-    async def _logprobs(self, index: int, token_ids: list[int]) -> dict | None:
+    async def _logprobs(self, index: int, segments: list[Delta]) -> dict | None:
+        """The logprobs of these deltas' tokens, in order (each scored after its context)."""
         if self.scorers is None:
             return None
-        entries = await asyncio.to_thread(self.scorers[index].score, token_ids)
-        return _choice_logprobs(self.loaded.tokenizer, entries, self.chat)
+        entries = []
+        for delta in segments:
+            entries += await asyncio.to_thread(self.scorers[index].score, delta.token_ids, delta.context_ids)
+        if self.chat:
+            return self.format.chat(entries)
+        before, self._scored_bytes[index] = self._scored_bytes[index], self._scored_bytes[index] + b"".join(
+            self.format.token_bytes(e.token_id) for e in entries if not self.format.token_bytes.is_special(e.token_id))
+        return self.format.completion(entries, before)
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -164,14 +193,19 @@ class ResponseBuilder:
 
     async def whole(self) -> dict:
         """The answer once every request has ended (raises EngineError if one failed)."""
-        token_ids: list[list[int]] = [[] for _ in self.requests]
+        segments: list[list[Delta]] = [[] for _ in self.requests]
         async with aclosing(follow(self.requests)) as events:
             async for index, delta in events:
-                if delta is not None:
-                    token_ids[index] += delta.token_ids
+                if delta is None:
+                    continue
+                if segments[index] and not delta.context_ids:  # one forward pass for what follows on
+                    segments[index][-1] = Delta("", segments[index][-1].token_ids + delta.token_ids,
+                                                segments[index][-1].context_ids)
+                else:
+                    segments[index].append(delta)
         choices = []
         for index, request in enumerate(self.requests):
-            logprobs = await self._logprobs(index, token_ids[index])
+            logprobs = await self._logprobs(index, segments[index])
             for copy in range(self.copies):
                 choice = {"index": index * self.copies + copy, "finish_reason": request.finish_reason,
                           "logprobs": logprobs}
@@ -207,7 +241,7 @@ class ResponseBuilder:
                     if delta is None:
                         yield self._chunk(index, None, self.requests[index].finish_reason)
                     elif delta.text or self.scorers:
-                        yield self._chunk(index, delta.text, logprobs=await self._logprobs(index, delta.token_ids))
+                        yield self._chunk(index, delta.text, logprobs=await self._logprobs(index, [delta]))
             if self.include_usage:
                 body = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion",
                         "choices": [], "usage": self.usage()}

@@ -31,7 +31,9 @@ def test_pieces_add_up_to_the_text_and_every_token_is_handed_out_once(tiny_token
     detokenizer = Detokenizer(tiny_tokenizer, strip=strip)
     pieces, given, reason = streamed(detokenizer, token_ids)
     assert "".join(pieces) == detokenizer.text == (TEXT.strip() if strip else TEXT)
-    assert given == token_ids and reason is None and len(pieces) > 3
+    skipped = token_ids[:len(token_ids) - len(given)]  # with strip, tokens of the leading space alone
+    assert given == token_ids[len(skipped):] and tiny_tokenizer.decode(skipped).strip() == ""
+    assert reason is None and len(pieces) > 3 and (skipped == [] or strip)
 
 
 @pytest.mark.parametrize("at_once", [False, True])
@@ -54,3 +56,45 @@ def test_text_that_may_become_a_stop_string_waits(tiny_tokenizer):
     assert text == " The capital of "  # "Zorblax is" may be the start of the stop string
     text, _, reason = detokenizer.feed(ids(tiny_tokenizer, " Quibbletown."), final=True)
     assert text == "Zorblax is Quibbletown." and reason is None
+
+
+@pytest.mark.parametrize("stop, expected", [("らら", " as おや・"), ("や・", " as お"), ("・ら", " as おや")])
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_stop_string_of_multibyte_characters_leaks_nothing(tiny_tokenizer, stop, expected, at_once):
+    """Byte-level tokens split each of these characters in pieces: the stop is found on whole characters."""
+    token_ids = ids(tiny_tokenizer, " as おや・らら (and more)")
+    assert len(token_ids) > len(" as おや・らら (and more)")  # characters come in several tokens
+    detokenizer = Detokenizer(tiny_tokenizer, stop=(stop,), strip=False)
+    if at_once:
+        text, _, reason = detokenizer.feed(token_ids, final=True)
+        pieces = [text]
+    else:
+        pieces, _, reason = streamed(detokenizer, token_ids)
+    assert "".join(pieces) == detokenizer.text == expected and reason == "stop"
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_with_strip_the_tokens_handed_out_are_exactly_those_of_the_text(tiny_tokenizer):
+    """A response's leading and trailing whitespace is stripped: so are the tokens that held only that."""
+    lead, body, tail = ids(tiny_tokenizer, "\n\n"), ids(tiny_tokenizer, "おや is it"), ids(tiny_tokenizer, " \n")
+    for at_once in (False, True):
+        detokenizer = Detokenizer(tiny_tokenizer, strip=True)
+        if at_once:
+            text, given, _ = detokenizer.feed(lead + body + tail, final=True)
+        else:
+            pieces, given, _ = streamed(detokenizer, lead + body + tail)
+            text = "".join(pieces)
+        assert text == detokenizer.text == "おや is it" and given == body
+        assert detokenizer.token_ids == lead + body + tail  # all of them were generated (and are counted)
+
+
+def test_a_tokens_real_bytes(tiny_tokenizer):
+    """Each token's own bytes (a piece of a character is not U+FFFD), and special tokens' text."""
+    from alpaca_lora.inference.engine import TokenBytes
+
+    token_bytes = TokenBytes(tiny_tokenizer)
+    text = " as おや・ら"
+    token_ids = ids(tiny_tokenizer, text)
+    assert any(tiny_tokenizer.decode([t]) == "\ufffd" for t in token_ids)
+    assert b"".join(token_bytes(t) for t in token_ids) == text.encode("utf-8")
+    assert token_bytes(tiny_tokenizer.eos_token_id) == tiny_tokenizer.eos_token.encode()

@@ -3,7 +3,7 @@
 strings), ``request`` (one request, streamed), ``scoring`` (log probabilities), ``direct`` (what continuous
 batching does not take) and ``engine`` (the continuous batch and its queue)."""
 
-from alpaca_lora.inference.engine.detokenizer import Detokenizer
+from alpaca_lora.inference.engine.detokenizer import Detokenizer, TokenBytes
 from alpaca_lora.inference.engine.engine import Engine, EngineSettings, generate_texts
 from alpaca_lora.inference.engine.errors import EngineError, QueueFull
 from alpaca_lora.inference.engine.request import Delta, EngineRequest, follow
@@ -11,4 +11,4 @@ from alpaca_lora.inference.engine.sampling import GREEDY_BELOW, Sampling
 from alpaca_lora.inference.engine.scoring import Scorer, TokenLogprob
 
 __all__ = ["GREEDY_BELOW", "Delta", "Detokenizer", "Engine", "EngineError", "EngineRequest", "EngineSettings",
-           "QueueFull", "Sampling", "Scorer", "TokenLogprob", "follow", "generate_texts"]
+           "QueueFull", "Sampling", "Scorer", "TokenBytes", "TokenLogprob", "follow", "generate_texts"]

@@ -8,7 +8,7 @@ import asyncio
 import queue
 import threading
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 from alpaca_lora.inference.engine.detokenizer import Detokenizer
@@ -20,10 +20,13 @@ _END = object()  # the last event of a request
 
 @dataclass
 class Delta:
-    """New text of a request, and the generated tokens it came from (not given in an earlier delta)."""
+    """New text of a request, and the generated tokens it came from (not given in an earlier delta).
+    ``context_ids``: tokens generated just before those that are not part of the text (a response's leading
+    whitespace, stripped): a Scorer still reads them."""
 
     text: str
     token_ids: list[int]
+    context_ids: list[int] = field(default_factory=list)
 
 
 class EngineRequest:
@@ -103,9 +106,10 @@ class EngineRequest:
                 self.error = error
                 self._end_locked(None, still_generating=False)
                 return
+            before = self.detokenizer.given
             piece, ids, stopped = self.detokenizer.feed(token_ids[len(self.token_ids):], final=finished)
             if piece or ids:
-                self._push(Delta(piece, ids))
+                self._push(Delta(piece, ids, self.token_ids[before:self.detokenizer.given - len(ids)]))
             if stopped:
                 self._end_locked(stopped, still_generating=not finished)
             elif finished:

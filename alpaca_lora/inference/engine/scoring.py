@@ -27,12 +27,14 @@ class Scorer:
         self._cache = None
 
     @torch.no_grad()
-    def score(self, token_ids: list[int]) -> list[TokenLogprob]:
+    def score(self, token_ids: list[int], context: list[int] = ()) -> list[TokenLogprob]:
+        """The entries of ``token_ids``, which follow ``context`` (tokens read, not scored)."""
         if not token_ids:
+            self._unseen += list(context)
             return []
-        feed = self._unseen + token_ids[:-1]  # the logits after token i predict token i + 1
+        feed = self._unseen + list(context) + token_ids[:-1]  # the logits after token i predict token i + 1
         output = self.forward(feed, self._cache)
-        self._cache, first = output.past_key_values, len(self._unseen) - 1
+        self._cache, first = output.past_key_values, len(self._unseen) + len(context) - 1
         self._unseen = token_ids[-1:]
         logprobs = torch.log_softmax(output.logits[0, first:].float(), dim=-1)
         chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
