@@ -53,6 +53,7 @@ class SamplingRequest(BaseModel):
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
     stream_options: Optional[dict] = None
+    seed: Optional[int] = None  # sampled with a generator of its own: same seed, prompt and settings, same text
 
 
 class CompletionRequest(SamplingRequest):

@@ -81,7 +81,7 @@ class OpenAIServing:
         max_tokens = self._max_tokens(request, len(prompt_ids), chat)
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         sampling = Sampling(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                            stop=tuple(s for s in stop if s), strip=chat)
+                            stop=tuple(s for s in stop if s), strip=chat, seed=request.seed)
         if chat and request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if chat:

@@ -3,6 +3,7 @@ request keeps its own settings and stop strings, cancelling frees a place at onc
 refuses, a failing batch neither hangs nor stays broken, and what batching cannot do still works."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -208,3 +209,22 @@ def test_the_engine_is_started_explicitly_and_settings_are_never_ignored(tiny_mo
         engine.close()
     assert loaded.start_engine(EngineSettings(max_batch=3, batching="off")).settings.max_batch == 3
     loaded.engine().close()
+
+
+def test_a_seed_gives_the_same_tokens_alone_or_batched_with_others(model, tiny_tokenizer):
+    """Each seeded request draws from its own generator (keyed by its seed and the position of the token), so
+    neither its neighbours in the batch nor the batch's switch from greedy to sampling change its tokens."""
+    prompt = encode(tiny_tokenizer, PROMPTS[1])
+    seeded = Sampling(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=42)
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=8)) as engine:
+        alone = engine.submit(prompt, seeded)[0].wait().token_ids
+        others = [r for p in PROMPTS for r in engine.submit(encode(tiny_tokenizer, p),
+                                                             Sampling(max_new_tokens=30, temperature=1.3))]
+        batched = engine.submit(prompt, seeded)[0]
+        assert batched.wait().token_ids == alone and not all(r.done for r in others)  # they were generating
+        assert engine.submit(prompt, replace(seeded, seed=43))[0].wait().token_ids != alone
+        choices = [r.wait().token_ids for r in engine.submit(prompt, seeded, n=3)]
+        assert choices[0] == alone and len({tuple(c) for c in choices}) == 3  # n choices, each its own seed
+        assert [r.wait().token_ids for r in engine.submit(prompt, seeded, n=3)] == choices
+        top_k = replace(seeded, top_k=20, seed=5)  # generated alone (model.generate), seeded the same way
+        assert engine.submit(prompt, top_k)[0].wait().token_ids == engine.submit(prompt, top_k)[0].wait().token_ids

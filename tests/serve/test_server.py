@@ -270,3 +270,16 @@ def test_completion_logprobs_true_or_false_is_refused_not_taken_as_a_count(clien
         client.post("/completions", body={"model": "zorblax", "prompt": "Hello", "max_tokens": 2, "logprobs": value},
                     cast_to=object)
     assert error.value.body["param"] == "logprobs" and "integer" in error.value.body["message"]
+
+
+def test_a_seed_reproduces_a_sampled_answer_also_batched_with_others(client):
+    ask = dict(model="zorblax", messages=[{"role": "user", "content": "Say anything."}], temperature=1.5,
+               max_tokens=12)
+    first = client.chat.completions.create(**ask, seed=7).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda seed: client.chat.completions.create(**ask, seed=seed), [7, 8, 7, 9]))
+    texts = [r.choices[0].message.content for r in replies]
+    assert texts[0] == texts[2] == first and len(set(texts)) > 1
+    choices = [[c.message.content for c in client.chat.completions.create(**ask, seed=7, n=3).choices]
+               for _ in range(2)]
+    assert choices[0] == choices[1] and choices[0][0] == first and len(set(choices[0])) > 1

@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from alpaca_lora.common.logs import get_logger
+from alpaca_lora.inference.engine.processors import SeededGumbel
 from alpaca_lora.inference.engine.request import EngineRequest
 
 log = get_logger(__name__)
@@ -44,7 +52,16 @@ class _TokenStreamer(BaseStreamer):
         pass
 
 
-def generation_kwargs(requests: list[EngineRequest], tokenizer, eos_ids: set[int]) -> dict:
+def seeded_warpers(requests: list[EngineRequest], padded_length: int) -> LogitsProcessorList:
+    """Temperature, top_k and top_p, then the seeded draw (generate's own warpers would come after it)."""
+    s = requests[0].sampling
+    warpers = [TemperatureLogitsWarper(s.temperature)] + ([TopKLogitsWarper(s.top_k)] if s.top_k else [])
+    warpers += [TopPLogitsWarper(s.top_p)] if s.top_p < 1 else []
+    return LogitsProcessorList(warpers + [SeededGumbel([r.sampling.seed for r in requests],
+                                                       [len(r.prompt_ids) for r in requests], padded_length)])
+
+
+def generation_kwargs(requests: list[EngineRequest], tokenizer, eos_ids: set[int], padded_length: int) -> dict:
     """``model.generate``'s settings for requests that share one Sampling: all spelled out, so that a model's
     generation_config cannot change them."""
     s = requests[0].sampling
@@ -52,7 +69,9 @@ def generation_kwargs(requests: list[EngineRequest], tokenizer, eos_ids: set[int
               "temperature": None, "top_p": None, "top_k": None, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id,
               "stopping_criteria": StoppingCriteriaList([_StopWhenEnded(requests)])}
-    if not s.greedy and s.num_beams == 1:
+    if not s.greedy and s.num_beams == 1 and any(r.sampling.seed is not None for r in requests):
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=seeded_warpers(requests, padded_length))
+    elif not s.greedy and s.num_beams == 1:
         kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
     if s.num_beams > 1:
         kwargs["early_stopping"] = True
@@ -70,7 +89,8 @@ def generate_directly(model, tokenizer, requests: list[EngineRequest], eos_ids: 
                            return_tensors="pt").to(model.device)
     try:
         with model_to_myself(), torch.no_grad():
-            output = model.generate(**padded, **generation_kwargs(requests, tokenizer, eos_ids))
+            kwargs = generation_kwargs(requests, tokenizer, eos_ids, padded["input_ids"].shape[1])
+            output = model.generate(**padded, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the requests fail, the engine goes on
         log.exception("generation failed")
         for request in requests:

@@ -43,6 +43,7 @@ from alpaca_lora.common.settings import check, key
 from alpaca_lora.inference.engine.detokenizer import Detokenizer
 from alpaca_lora.inference.engine.direct import generate_directly
 from alpaca_lora.inference.engine.errors import EngineError, QueueFull
+from alpaca_lora.inference.engine.processors import batch_processors
 from alpaca_lora.inference.engine.request import EngineRequest
 from alpaca_lora.inference.engine.sampling import Sampling
 from alpaca_lora.inference.engine.scoring import Scorer
@@ -158,15 +159,15 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> list[EngineRequest]:
-        """``n`` requests for one prompt, all admitted or none (QueueFull)."""
-        return self._enqueue([prompt_ids] * n, sampling, check_capacity=True)
+        """``n`` requests for one prompt, all admitted or none (QueueFull); seeded, each its own seed."""
+        return self._enqueue([(prompt_ids, sampling.for_choice(i)) for i in range(n)], check_capacity=True)
 
     def generate_many(self, prompts: list[list[int]], sampling: Sampling,
                       progress: str | None = None) -> Iterator[tuple[int, EngineRequest]]:
         """(index, finished request) for each prompt, in the order they finish; a batch job is never
         refused (it waits for places). Leaving early cancels the rest."""
         finished: queue.SimpleQueue = queue.SimpleQueue()
-        requests = self._enqueue(prompts, sampling, check_capacity=False, on_done=finished.put)
+        requests = self._enqueue([(p, sampling) for p in prompts], check_capacity=False, on_done=finished.put)
         index = {id(request): i for i, request in enumerate(requests)}
         try:
             for _ in tqdm(range(len(requests)), desc=progress, disable=progress is None, unit="answer"):
@@ -196,16 +197,17 @@ class Engine:
                     "alone": self._pending - len(self._running) - len(self._waiting), "places": self.capacity,
                     "sampling_batch": self._samples, "ended": dict(self._ended)}
 
-    def _enqueue(self, prompts: list[list[int]], sampling: Sampling, check_capacity: bool,
+    def _enqueue(self, jobs: list[tuple[list[int], Sampling]], check_capacity: bool,
                  on_done: Callable | None = None) -> list[EngineRequest]:
+        """Requests for (prompt, sampling) pairs that differ at most in their seeds."""
         def ended(request: EngineRequest, still_generating: bool) -> None:
             self._retire(request, still_generating)
             if on_done is not None:
                 on_done(request)
 
-        requests = [EngineRequest(f"r{next(self._ids)}", self.prompt_ids(p), sampling,
-                                  Detokenizer(self.tokenizer, sampling.stop, sampling.strip), self.eos_ids, ended)
-                    for p in prompts]
+        requests = [EngineRequest(f"r{next(self._ids)}", self.prompt_ids(p), s,
+                                  Detokenizer(self.tokenizer, s.stop, s.strip), self.eos_ids, ended) for p, s in jobs]
+        sampling = jobs[0][1] if jobs else None
         with self._lock:
             if self._closed:
                 raise EngineError("the engine has stopped")
@@ -213,7 +215,7 @@ class Engine:
                 raise QueueFull(f"all {self.capacity} places are taken ({self.settings.max_batch} generating, "
                                 f"{self.settings.max_queue} waiting); try again shortly")
             self._pending += len(requests)
-            if self.batching_off is None and sampling.batchable:
+            if not requests or (self.batching_off is None and sampling.batchable):
                 self._waiting.extend(requests)
                 self._fill()
                 return requests
@@ -279,7 +281,8 @@ class Engine:
             return {}
         if sampling.greedy:  # only the most likely token is left: argmax
             return {"temperature": 1.0, "top_p": 0.0}
-        return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)}
+        seeded = {} if sampling.seed is None else {"seed": sampling.seed}
+        return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p), **seeded}
 
     def _new_manager(self, sampling: bool):
         """A started continuous batch (greedy: argmax, no sampling over the vocabulary at all), checked
@@ -296,6 +299,7 @@ class Engine:
             with _rng_kept():
                 manager = self.model.init_continuous_batching(generation_config=generation_config,
                                                               continuous_batching_config=batching_config)
+                manager.logit_processor = batch_processors(sampling)  # read when it starts
                 manager.start()
                 self._samples = sampling
                 manager.add_request([self.start_token], request_id="warm-up", max_new_tokens=1,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 # Temperatures below this decode greedily, as in vLLM: logits divided by 1e-45 overflow to inf and nan.
@@ -21,6 +21,7 @@ class Sampling:
     repetition_penalty: Optional[float] = None
     stop: tuple[str, ...] = ()
     strip: bool = True  # a response to a template prompt; a raw continuation (strip=False) keeps its spaces
+    seed: Optional[int] = None  # sampling draws from a generator of its own: same seed, same prompt, same text
 
     @property
     def greedy(self) -> bool:
@@ -30,6 +31,13 @@ class Sampling:
     def batchable(self) -> bool:
         """What the continuous batch does: greedy, or sampling with temperature and top_p."""
         return self.num_beams == 1 and self.repetition_penalty in (None, 1.0) and (self.greedy or not self.top_k)
+
+    def for_choice(self, index: int) -> Sampling:
+        """The sampling of choice ``index`` of n for one prompt: choice 0 is this one, the others get seeds of
+        their own derived from it (else n seeded choices would be n copies of one)."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed * 0x9E3779B97F4A7C15 + index) & 0xFFFFFFFFFFFFFFFF)
 
     @property
     def unbatched_reason(self) -> str:
