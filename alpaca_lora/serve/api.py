@@ -18,7 +18,7 @@ from alpaca_lora.inference.engine import EngineError
 from alpaca_lora.inference.loading import LoadedModel
 from alpaca_lora.serve.config import LOOPBACK, ServeConfig
 from alpaca_lora.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
-from alpaca_lora.serve.serving import OpenAIServing, PreparedRequest, ResponseBuilder
+from alpaca_lora.serve.serving import OpenAIServing, PreparedRequest, ResponseBuilder, engine_failure
 
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig):
@@ -81,7 +81,7 @@ async def answer(http: Request, serving: OpenAIServing, prepared: PreparedReques
     try:
         return work.result()
     except EngineError as exc:
-        raise APIError(500, str(exc), kind="server_error") from None
+        raise engine_failure(exc) from None
 
 
 async def _watched(builder: ResponseBuilder, receive):

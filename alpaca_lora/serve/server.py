@@ -29,8 +29,19 @@ from alpaca_lora.serve.serving import chat_prompt
 __all__ = ["ChatMessage", "ServeConfig", "chat_prompt", "create_app", "load_serve_config", "main", "run"]
 
 
+SHUTTING_DOWN = "the server is shutting down; this request was not finished (send it again to another server)"
+
+
 def run(cfg: ServeConfig) -> int:
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """On SIGTERM or SIGINT, the requests in flight end at once with an error in OpenAI's shape (a stream: an
+        error event, then [DONE]) before uvicorn waits for them: it then has nothing to wait for."""
+
+        async def shutdown(self, sockets=None) -> None:
+            loaded.engine().abort(SHUTTING_DOWN)
+            await super().shutdown(sockets)
 
     loaded = load_for_inference(cfg)
     app = create_app(loaded, cfg)
@@ -38,8 +49,11 @@ def run(cfg: ServeConfig) -> int:
     print(f"serving {loaded.description} as '{model_id}' at http://{cfg.host}:{cfg.port}/v1"
           f"{' (API key required)' if cfg.api_key_env else ''}", flush=True)
     print(f"requests: {loaded.engine().description}", flush=True)
-    # A stream still open at shutdown gets 5 s, then the engine stops and the process exits.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # SIGINT, raised again once the server has stopped (as uvicorn.run does)
+        pass
     return 0
 
 

@@ -17,6 +17,7 @@ from alpaca_lora.inference.engine import (
     Engine,
     EngineError,
     EngineRequest,
+    EngineStopped,
     QueueFull,
     Sampling,
     TokenBytes,
@@ -30,7 +31,6 @@ from alpaca_lora.serve.protocol import (
     ChatMessage,
     ChatRequest,
     SamplingRequest,
-    error_body,
     lone_surrogate,
 )
 
@@ -123,10 +123,19 @@ class OpenAIServing:
             requests = self.engine.submit(prepared.prompt_ids, sampling, n=request.n // copies)
         except QueueFull as exc:
             raise APIError(429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded") from None
+        except EngineError as exc:
+            raise engine_failure(exc) from None
         scorers = None if prepared.top is None else [self.engine.scorer(prepared.prompt_ids, prepared.top)
                                                      for _ in requests]
         return ResponseBuilder(self.loaded, self.model_id, prepared.chat, requests, copies, scorers,
                                request.stream_options)
+
+
+def engine_failure(exc: EngineError) -> APIError:
+    """A request the engine failed: 503 while the server shuts down (try again elsewhere or later), else 500."""
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), kind="server_error", code="server_shutting_down")
+    return APIError(500, str(exc), kind="server_error")
 
 
 class LogprobsFormat:
@@ -247,5 +256,5 @@ class ResponseBuilder:
                         "choices": [], "usage": self.usage()}
                 yield f"data: {json.dumps(body)}\n\n"
         except EngineError as exc:
-            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+            yield f"data: {json.dumps(engine_failure(exc).body())}\n\n"
         yield "data: [DONE]\n\n"

@@ -42,7 +42,7 @@ from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.settings import check, key
 from alpaca_lora.inference.engine.detokenizer import Detokenizer
 from alpaca_lora.inference.engine.direct import generate_directly
-from alpaca_lora.inference.engine.errors import EngineError, QueueFull
+from alpaca_lora.inference.engine.errors import EngineStopped, QueueFull
 from alpaca_lora.inference.engine.processors import batch_processors
 from alpaca_lora.inference.engine.request import EngineRequest
 from alpaca_lora.inference.engine.sampling import Sampling
@@ -116,6 +116,8 @@ class Engine:
         self._pending = 0
         self._ended: Counter[str] = Counter()  # requests that have ended, by finish reason
         self._closed = False
+        self._stopping: str | None = None  # why no request is taken any more
+        self._open: set[EngineRequest] = set()  # every request not ended yet
         self._warned: set[str] = set()
         self._direct: queue.SimpleQueue = queue.SimpleQueue()
         self._own_attention = getattr(model.config, "_attn_implementation", None)
@@ -172,8 +174,7 @@ class Engine:
         try:
             for _ in tqdm(range(len(requests)), desc=progress, disable=progress is None, unit="answer"):
                 request = finished.get()
-                if request.error:
-                    raise EngineError(request.error)
+                request.raise_failure()
                 yield index[id(request)], request
         finally:
             for request in requests:
@@ -209,12 +210,13 @@ class Engine:
                                   Detokenizer(self.tokenizer, s.stop, s.strip), self.eos_ids, ended) for p, s in jobs]
         sampling = jobs[0][1] if jobs else None
         with self._lock:
-            if self._closed:
-                raise EngineError("the engine has stopped")
+            if self._stopping:
+                raise EngineStopped(self._stopping)
             if check_capacity and self._pending + len(requests) > self.capacity:
                 raise QueueFull(f"all {self.capacity} places are taken ({self.settings.max_batch} generating, "
                                 f"{self.settings.max_queue} waiting); try again shortly")
             self._pending += len(requests)
+            self._open.update(requests)
             if not requests or (self.batching_off is None and sampling.batchable):
                 self._waiting.extend(requests)
                 self._fill()
@@ -230,7 +232,8 @@ class Engine:
     def _fill(self) -> None:
         """Moves waiting requests into the batch while it has places (called holding the lock). A request
         that samples waits for the dispatcher to switch a greedy batch to sampling."""
-        while self._manager is not None and self._waiting and len(self._running) < self.settings.max_batch:
+        while (self._manager is not None and not self._stopping and self._waiting
+               and len(self._running) < self.settings.max_batch):
             request = self._waiting[0]
             if request.done:
                 self._waiting.popleft()
@@ -258,6 +261,7 @@ class Engine:
         dropped from it before the next forward pass)."""
         with self._lock:
             self._pending -= 1
+            self._open.discard(request)
             self._ended["failed" if request.error else request.finish_reason] += 1
             self._base.pop(request.id, None)
             if self._running.pop(request.id, None) is not None:
@@ -426,15 +430,26 @@ class Engine:
 
     # -- the end -----------------------------------------------------------------------------------
 
+    def abort(self, message: str) -> None:
+        """Ends every open request with ``EngineStopped(message)`` and takes no new one (a server shutting down
+        answers them at once, instead of waiting for them); ``close()`` then stops the threads."""
+        with self._lock:
+            self._stopping = message
+            requests = list(self._open)
+        for request in requests:
+            request._fail(EngineStopped(message))
+
     def close(self) -> None:
-        """Ends every request (as cancelled) and stops the batching thread."""
+        """Ends every request still open (cancelled) and stops the engine's threads."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            requests = list(self._running.values()) + list(self._waiting)
+            self._stopping = self._stopping or "the engine has stopped"
+            requests = list(self._open)
         for request in requests:
-            request._end("cancelled")
+            request._fail(EngineStopped(self._stopping))
+        with self._lock:
+            self._closed = True
         self._stop_manager(self._manager)
         self._manager = None
         self._direct.put(None)

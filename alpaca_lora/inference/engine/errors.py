@@ -5,5 +5,9 @@ class EngineError(Exception):
     """A request failed while generating (the message says why)."""
 
 
+class EngineStopped(EngineError):
+    """The engine is stopping (a server shutting down): the request ended, or was not taken."""
+
+
 class QueueFull(Exception):
     """Every place in the batch and in the queue is taken."""

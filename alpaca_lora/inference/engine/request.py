@@ -43,7 +43,7 @@ class EngineRequest:
         self.id, self.prompt_ids, self.sampling, self.eos_ids = ident, prompt_ids, sampling, eos_ids
         self.detokenizer, self.on_end = detokenizer, on_end
         self.finish_reason: str | None = None
-        self.error: str | None = None
+        self.failure: EngineError | None = None  # what ended it, if it failed
         self.completion_tokens = 0
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -65,6 +65,15 @@ class EngineRequest:
         return self.detokenizer.text
 
     @property
+    def error(self) -> str | None:
+        """Why it failed, if it did."""
+        return None if self.failure is None else str(self.failure)
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise type(self.failure)(str(self.failure))
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 
@@ -76,8 +85,7 @@ class EngineRequest:
 
     def wait(self) -> EngineRequest:
         self._done.wait()
-        if self.error:
-            raise EngineError(self.error)
+        self.raise_failure()
         return self
 
     def __iter__(self) -> Iterator[Delta]:
@@ -86,8 +94,7 @@ class EngineRequest:
                 yield event
         finally:
             self.cancel()  # no-op once ended; frees the place if the reader stops early
-        if self.error:
-            raise EngineError(self.error)
+        self.raise_failure()
 
     async def deltas(self) -> AsyncIterator[Delta]:
         async with aclosing(follow([self])) as events:
@@ -103,7 +110,7 @@ class EngineRequest:
             if self.done:
                 return
             if error:
-                self.error = error
+                self.failure = EngineError(error)
                 self._end_locked(None, still_generating=False)
                 return
             before = self.detokenizer.given
@@ -116,10 +123,12 @@ class EngineRequest:
                 ended = bool(token_ids) and token_ids[-1] in self.eos_ids
                 self._end_locked("stop" if ended else "length", still_generating=False)
 
-    def _end(self, finish_reason: str | None) -> None:
+    def _fail(self, failure: EngineError) -> None:
+        """Ends the request with this error (the engine stops generating it)."""
         with self._lock:
             if not self.done:
-                self._end_locked(finish_reason, still_generating=False)
+                self.failure = failure
+                self._end_locked(None, still_generating=True)
 
     def _end_locked(self, finish_reason: str | None, still_generating: bool) -> None:
         self.finish_reason = self.finish_reason or finish_reason
@@ -156,8 +165,7 @@ async def follow(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, Delt
                         break
                     if event is _END:
                         open_.discard(index)
-                        if request.error:
-                            raise EngineError(request.error)
+                        request.raise_failure()
                         yield index, None
                         break
                     yield index, event
