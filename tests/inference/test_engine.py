@@ -9,7 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.inference.engine import Engine, EngineError, EngineSettings, QueueFull, Sampling, generate_texts
+from alpaca_lora.inference.engine import (
+    Engine,
+    EngineError,
+    EngineSettings,
+    PromptTooLong,
+    QueueFull,
+    Sampling,
+    generate_texts,
+)
 from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 PROMPTS = ["What is the capital of Zorblax?", "Give three tips for staying healthy.", "Reverse the order of the words.",
@@ -228,3 +236,24 @@ def test_a_seed_gives_the_same_tokens_alone_or_batched_with_others(model, tiny_t
         assert [r.wait().token_ids for r in engine.submit(prompt, seeded, n=3)] == choices
         top_k = replace(seeded, top_k=20, seed=5)  # generated alone (model.generate), seeded the same way
         assert engine.submit(prompt, top_k)[0].wait().token_ids == engine.submit(prompt, top_k)[0].wait().token_ids
+
+
+def test_a_prompt_longer_than_the_cache_fails_alone_and_the_others_go_on(model, tiny_tokenizer):
+    """Refused at once with a clear error of its own (never admitted to the batch, where it could only stall it
+    and then fail every request in it); one that fits but leaves less room than max_new_tokens is answered as far
+    as the context allows."""
+    prompt = encode(tiny_tokenizer, PROMPTS[1])
+    too_long = encode(tiny_tokenizer, "the quick brown fox jumps over the lazy dog " * 200)
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=2, cache_tokens=1024)) as engine:
+        assert engine.context_length == 512 and len(too_long) > 1024
+        running = engine.submit(prompt, Sampling(max_new_tokens=40))[0]
+        with pytest.raises(PromptTooLong, match="longer than the model's context of 512"):
+            engine.submit(too_long, Sampling(max_new_tokens=4))
+        assert running.wait().token_ids == greedy_reference(model, tiny_tokenizer, prompt, 40)
+        near_the_end = too_long[:500]
+        assert engine.submit(near_the_end, Sampling(max_new_tokens=40))[0].wait().completion_tokens == 12
+        done = dict(engine.generate_many([prompt, too_long, prompt], Sampling(max_new_tokens=8), raise_errors=False))
+        assert done[0].token_ids == done[2].token_ids == greedy_reference(model, tiny_tokenizer, prompt, 8)
+        assert "longer than the model's context" in done[1].error and done[1].token_ids == []
+        with pytest.raises(PromptTooLong):  # a batch job that did not ask for failures raises
+            list(engine.generate_many([too_long], Sampling(max_new_tokens=8)))

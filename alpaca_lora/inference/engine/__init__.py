@@ -5,10 +5,11 @@ batching does not take) and ``engine`` (the continuous batch and its queue)."""
 
 from alpaca_lora.inference.engine.detokenizer import Detokenizer, TokenBytes
 from alpaca_lora.inference.engine.engine import Engine, EngineSettings, generate_texts
-from alpaca_lora.inference.engine.errors import EngineError, EngineStopped, QueueFull
+from alpaca_lora.inference.engine.errors import EngineError, EngineStopped, PromptTooLong, QueueFull
 from alpaca_lora.inference.engine.request import Delta, EngineRequest, follow
 from alpaca_lora.inference.engine.sampling import GREEDY_BELOW, Sampling
 from alpaca_lora.inference.engine.scoring import Scorer, TokenLogprob
 
 __all__ = ["GREEDY_BELOW", "Delta", "Detokenizer", "Engine", "EngineError", "EngineRequest", "EngineSettings",
-           "EngineStopped", "QueueFull", "Sampling", "Scorer", "TokenBytes", "TokenLogprob", "follow", "generate_texts"]
+           "EngineStopped", "PromptTooLong", "QueueFull", "Sampling", "Scorer", "TokenBytes", "TokenLogprob", "follow",
+           "generate_texts"]

@@ -44,7 +44,7 @@ class _TokenStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         for request, tokens, token in zip(self.requests, self.tokens, value.reshape(len(self.requests)).tolist()):
-            if not tokens or tokens[-1] not in self.eos_ids:
+            if len(tokens) < request.max_new_tokens and (not tokens or tokens[-1] not in self.eos_ids):
                 tokens.append(token)
                 request._advance(tokens, finished=False)
 
@@ -65,9 +65,9 @@ def generation_kwargs(requests: list[EngineRequest], tokenizer, eos_ids: set[int
     """``model.generate``'s settings for requests that share one Sampling: all spelled out, so that a model's
     generation_config cannot change them."""
     s = requests[0].sampling
-    kwargs = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "do_sample": not s.greedy,
-              "temperature": None, "top_p": None, "top_k": None, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id,
+    kwargs = {"max_new_tokens": max(r.max_new_tokens for r in requests), "num_beams": s.num_beams,
+              "do_sample": not s.greedy, "temperature": None, "top_p": None, "top_k": None,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
               "stopping_criteria": StoppingCriteriaList([_StopWhenEnded(requests)])}
     if not s.greedy and s.num_beams == 1 and any(r.sampling.seed is not None for r in requests):
         kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=seeded_warpers(requests, padded_length))
@@ -97,5 +97,6 @@ def generate_directly(model, tokenizer, requests: list[EngineRequest], eos_ids: 
             request._advance(request.token_ids, True, error=f"generation failed: {type(exc).__name__}: {exc}")
         return
     for request, row in zip(requests, output[:, padded["input_ids"].shape[1]:].tolist()):
+        row = row[:request.max_new_tokens]
         ends = [i for i, token in enumerate(row) if token in eos_ids]
         request._advance(row[:ends[0] + 1] if ends else row, finished=True)

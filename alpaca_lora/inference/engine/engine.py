@@ -42,7 +42,7 @@ from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.settings import check, key
 from alpaca_lora.inference.engine.detokenizer import Detokenizer
 from alpaca_lora.inference.engine.direct import generate_directly
-from alpaca_lora.inference.engine.errors import EngineStopped, QueueFull
+from alpaca_lora.inference.engine.errors import EngineStopped, PromptTooLong, QueueFull
 from alpaca_lora.inference.engine.processors import batch_processors
 from alpaca_lora.inference.engine.request import EngineRequest
 from alpaca_lora.inference.engine.sampling import Sampling
@@ -164,17 +164,20 @@ class Engine:
         """``n`` requests for one prompt, all admitted or none (QueueFull); seeded, each its own seed."""
         return self._enqueue([(prompt_ids, sampling.for_choice(i)) for i in range(n)], check_capacity=True)
 
-    def generate_many(self, prompts: list[list[int]], sampling: Sampling,
-                      progress: str | None = None) -> Iterator[tuple[int, EngineRequest]]:
+    def generate_many(self, prompts: list[list[int]], sampling: Sampling, progress: str | None = None,
+                      raise_errors: bool = True) -> Iterator[tuple[int, EngineRequest]]:
         """(index, finished request) for each prompt, in the order they finish; a batch job is never
-        refused (it waits for places). Leaving early cancels the rest."""
+        refused (it waits for places). A request that failed (a prompt longer than the context, say) raises
+        its error, or with ``raise_errors=False`` is given like the others, its ``error`` saying why: the rest
+        go on. Leaving early cancels the rest."""
         finished: queue.SimpleQueue = queue.SimpleQueue()
         requests = self._enqueue([(p, sampling) for p in prompts], check_capacity=False, on_done=finished.put)
         index = {id(request): i for i, request in enumerate(requests)}
         try:
             for _ in tqdm(range(len(requests)), desc=progress, disable=progress is None, unit="answer"):
                 request = finished.get()
-                request.raise_failure()
+                if raise_errors:
+                    request.raise_failure()
                 yield index[id(request)], request
         finally:
             for request in requests:
@@ -200,7 +203,9 @@ class Engine:
 
     def _enqueue(self, jobs: list[tuple[list[int], Sampling]], check_capacity: bool,
                  on_done: Callable | None = None) -> list[EngineRequest]:
-        """Requests for (prompt, sampling) pairs that differ at most in their seeds."""
+        """Requests for (prompt, sampling) pairs that differ at most in their seeds. A prompt the context cannot
+        hold is never admitted: ``submit`` (``check_capacity``) raises PromptTooLong, a batch job's request
+        fails with it at once."""
         def ended(request: EngineRequest, still_generating: bool) -> None:
             self._retire(request, still_generating)
             if on_done is not None:
@@ -208,26 +213,42 @@ class Engine:
 
         requests = [EngineRequest(f"r{next(self._ids)}", self.prompt_ids(p), s,
                                   Detokenizer(self.tokenizer, s.stop, s.strip), self.eos_ids, ended) for p, s in jobs]
-        sampling = jobs[0][1] if jobs else None
+        too_long = {id(r): PromptTooLong(f"the prompt is {r.prompt_tokens} tokens, longer than the model's context "
+                                         f"of {self.context_length} tokens allows (it must leave room for a token "
+                                         "to be generated); nothing was generated")
+                    for r in requests if r.prompt_tokens >= self.context_length}
+        if too_long and check_capacity:
+            raise next(iter(too_long.values()))
+        for request in requests:  # as far as the context allows
+            request.max_new_tokens = min(request.sampling.max_new_tokens, self.context_length - request.prompt_tokens)
+        self._admit([r for r in requests if id(r) not in too_long], check_capacity, len(requests))
+        for request in requests:
+            if id(request) in too_long:
+                request._fail(too_long[id(request)])
+        return requests
+
+    def _admit(self, requests: list[EngineRequest], check_capacity: bool, count: int) -> None:
+        """Counts ``count`` requests in (QueueFull past the capacity) and queues ``requests``: to the batch,
+        or to be generated alone."""
+        sampling = requests[0].sampling if requests else None
         with self._lock:
             if self._stopping:
                 raise EngineStopped(self._stopping)
-            if check_capacity and self._pending + len(requests) > self.capacity:
+            if check_capacity and self._pending + count > self.capacity:
                 raise QueueFull(f"all {self.capacity} places are taken ({self.settings.max_batch} generating, "
                                 f"{self.settings.max_queue} waiting); try again shortly")
-            self._pending += len(requests)
+            self._pending += count
             self._open.update(requests)
             if not requests or (self.batching_off is None and sampling.batchable):
                 self._waiting.extend(requests)
                 self._fill()
-                return requests
+                return
         if self.batching_off is None:
             self._warn_once(f"{sampling.unbatched_reason} is not continuously batched: such requests are "
                             "generated alone, pausing the batch")
         step = 1 if check_capacity else self.settings.max_batch  # a batch job goes in padded batches
         for start in range(0, len(requests), step):
             self._direct.put(requests[start:start + step])
-        return requests
 
     def _fill(self) -> None:
         """Moves waiting requests into the batch while it has places (called holding the lock). A request
@@ -248,7 +269,7 @@ class Engine:
                 return  # the batching thread has failed: the dispatcher replaces it, then refills
             base = list(request.token_ids)  # a request moved from an earlier batch goes on from its tokens
             accepted = self._manager.add_request(request.prompt_ids + base, request_id=request.id,
-                                                 max_new_tokens=s.max_new_tokens - len(base), streaming=True,
+                                                 max_new_tokens=request.max_new_tokens - len(base), streaming=True,
                                                  eos_token_id=sorted(self.eos_ids) or -1, **self._batch_kwargs(s))
             if accepted is None:  # the batching thread is stopping: the dispatcher restarts it and refills
                 return
@@ -378,7 +399,7 @@ class Engine:
                     to_direct, self._waiting = list(self._waiting), deque()
                 else:
                     if not failed:
-                        go_on = [r for r in moving if r.sampling.max_new_tokens > len(r.token_ids)]
+                        go_on = [r for r in moving if r.max_new_tokens > len(r.token_ids)]
                         to_finish = [r for r in moving if r not in go_on]  # its last token never reached us
                         self._waiting.extendleft(reversed(go_on))
                     self._fill()

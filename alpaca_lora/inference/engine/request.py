@@ -41,6 +41,7 @@ class EngineRequest:
     def __init__(self, ident: str, prompt_ids: list[int], sampling: Sampling, detokenizer: Detokenizer,
                  eos_ids: set[int], on_end: Callable[[EngineRequest, bool], None]):
         self.id, self.prompt_ids, self.sampling, self.eos_ids = ident, prompt_ids, sampling, eos_ids
+        self.max_new_tokens = sampling.max_new_tokens  # the engine lowers it to what the context leaves
         self.detokenizer, self.on_end = detokenizer, on_end
         self.finish_reason: str | None = None
         self.failure: EngineError | None = None  # what ended it, if it failed
