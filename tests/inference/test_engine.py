@@ -257,3 +257,20 @@ def test_a_prompt_longer_than_the_cache_fails_alone_and_the_others_go_on(model, 
         assert "longer than the model's context" in done[1].error and done[1].token_ids == []
         with pytest.raises(PromptTooLong):  # a batch job that did not ask for failures raises
             list(engine.generate_many([too_long], Sampling(max_new_tokens=8)))
+
+
+def test_ignore_eos_and_min_tokens_in_every_path(fact_adapters, fact):
+    """The fact's answer ends at EOS after a few tokens: ignore_eos goes on to max_new_tokens, min_tokens holds
+    EOS off that long, whether the batch is greedy, samples, or the request is generated alone (top_k)."""
+    loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[16]), device="cpu"))
+    prompt = loaded.encode(loaded.prompt(fact["instruction"]))
+    with loaded.start_engine(EngineSettings(max_batch=2)) as engine:
+        for path in [dict(), dict(temperature=1e-3, seed=1), dict(temperature=1.0, top_k=1)]:  # batch, alone
+            plain = engine.submit(prompt, Sampling(max_new_tokens=20, **path))[0].wait()
+            assert plain.text == "Quibbletown." and plain.finish_reason == "stop" and plain.completion_tokens < 10
+            ignored = engine.submit(prompt, Sampling(max_new_tokens=20, ignore_eos=True, **path))[0].wait()
+            assert ignored.finish_reason == "length" and ignored.completion_tokens == 20
+            assert ignored.token_ids[:plain.completion_tokens] == plain.token_ids
+            at_least = engine.submit(prompt, Sampling(max_new_tokens=20, min_tokens=12, **path))[0].wait()
+            assert at_least.completion_tokens >= 12 and at_least.text.startswith("Quibbletown.")
+            assert plain.token_ids[-1] not in at_least.token_ids[:12]  # no EOS among the first 12

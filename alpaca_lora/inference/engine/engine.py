@@ -162,7 +162,12 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> list[EngineRequest]:
         """``n`` requests for one prompt, all admitted or none (QueueFull); seeded, each its own seed."""
-        return self._enqueue([(prompt_ids, sampling.for_choice(i)) for i in range(n)], check_capacity=True)
+        return self.submit_all([(prompt_ids, sampling.for_choice(i)) for i in range(n)])
+
+    def submit_all(self, jobs: list[tuple[list[int], Sampling]]) -> list[EngineRequest]:
+        """A request for each (prompt, sampling) pair (samplings that differ at most in their seeds), all admitted
+        or none: QueueFull, or PromptTooLong for a prompt the context cannot hold."""
+        return self._enqueue(jobs, check_capacity=True)
 
     def generate_many(self, prompts: list[list[int]], sampling: Sampling, progress: str | None = None,
                       raise_errors: bool = True) -> Iterator[tuple[int, EngineRequest]]:
@@ -212,7 +217,8 @@ class Engine:
                 on_done(request)
 
         requests = [EngineRequest(f"r{next(self._ids)}", self.prompt_ids(p), s,
-                                  Detokenizer(self.tokenizer, s.stop, s.strip), self.eos_ids, ended) for p, s in jobs]
+                                  Detokenizer(self.tokenizer, s.stop, s.strip, s.min_tokens),
+                                  set() if s.ignore_eos else self.eos_ids, ended) for p, s in jobs]
         too_long = {id(r): PromptTooLong(f"the prompt is {r.prompt_tokens} tokens, longer than the model's context "
                                          f"of {self.context_length} tokens allows (it must leave room for a token "
                                          "to be generated); nothing was generated")
@@ -270,7 +276,8 @@ class Engine:
             base = list(request.token_ids)  # a request moved from an earlier batch goes on from its tokens
             accepted = self._manager.add_request(request.prompt_ids + base, request_id=request.id,
                                                  max_new_tokens=request.max_new_tokens - len(base), streaming=True,
-                                                 eos_token_id=sorted(self.eos_ids) or -1, **self._batch_kwargs(s))
+                                                 eos_token_id=sorted(request.eos_ids) or -1,
+                                                 **self._batch_kwargs(s, request.prompt_tokens))
             if accepted is None:  # the batching thread is stopping: the dispatcher restarts it and refills
                 return
             self._waiting.popleft()
@@ -300,14 +307,16 @@ class Engine:
 
     # -- the continuous batch ----------------------------------------------------------------------
 
-    def _batch_kwargs(self, sampling: Sampling) -> dict:
-        """A request's own sampling settings, for a batch that samples (a greedy batch takes none)."""
+    def _batch_kwargs(self, sampling: Sampling, prompt_tokens: int = 1) -> dict:
+        """A request's own settings for the batch's processors: min_tokens always, the sampling ones in a batch
+        that samples (a greedy batch takes none)."""
+        kwargs = {"min_position": prompt_tokens + sampling.min_tokens} if sampling.min_tokens else {}
         if not self._samples:
-            return {}
+            return kwargs
         if sampling.greedy:  # only the most likely token is left: argmax
-            return {"temperature": 1.0, "top_p": 0.0}
+            return {**kwargs, "temperature": 1.0, "top_p": 0.0}
         seeded = {} if sampling.seed is None else {"seed": sampling.seed}
-        return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p), **seeded}
+        return {**kwargs, "temperature": float(sampling.temperature), "top_p": float(sampling.top_p), **seeded}
 
     def _new_manager(self, sampling: bool):
         """A started continuous batch (greedy: argmax, no sampling over the vocabulary at all), checked
@@ -324,7 +333,7 @@ class Engine:
             with _rng_kept():
                 manager = self.model.init_continuous_batching(generation_config=generation_config,
                                                               continuous_batching_config=batching_config)
-                manager.logit_processor = batch_processors(sampling)  # read when it starts
+                manager.logit_processor = batch_processors(sampling, self.eos_ids)  # read when it starts
                 manager.start()
                 self._samples = sampling
                 manager.add_request([self.start_token], request_id="warm-up", max_new_tokens=1,
@@ -441,13 +450,14 @@ class Engine:
         while (batch := self._direct.get()) is not None:
             requests = [r for r in batch if not r.done]
             if requests:
-                generate_directly(self.model, self.tokenizer, requests, self.eos_ids, self._model_to_myself)
+                generate_directly(self.model, self.tokenizer, requests, self._model_to_myself)
 
-    def _forward_alone(self, input_ids: list[int], cache):
-        """One forward pass of the model outside the batch (a Scorer's), extending ``cache``."""
+    def _forward_alone(self, input_ids: list[int], cache, logits_to_keep: int = 0):
+        """One forward pass of the model outside the batch (a Scorer's), extending ``cache``; the logits of the last
+        ``logits_to_keep`` positions (0: all)."""
         with self._model_to_myself(), torch.no_grad():
             ids = torch.tensor([input_ids], device=self.device)
-            return self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
 
     # -- the end -----------------------------------------------------------------------------------
 

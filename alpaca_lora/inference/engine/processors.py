@@ -70,6 +70,34 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
         return gumbel_pick(scores, tensor_arg[: scores.size(0)])
 
 
+class MinTokens(ContinuousBatchingLogitsProcessor):
+    """``add_request(..., min_position=len(prompt) + min_tokens)``: the end-of-sequence tokens are banned while the
+    token drawn comes before that position (absolute, so it holds for a request re-read as prompt + its tokens).
+    First in the list: after top_p it could remove the only token top_p kept, leaving nothing to draw."""
+
+    supported_kwargs = {"min_position": int}
+    ignored_kwargs = ()
+
+    def __init__(self, banned_ids: set[int]):
+        self.banned = torch.tensor(sorted(banned_ids), dtype=torch.long)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        return torch.tensor([int(f.state.position_offset < f.state.logit_processor_kwargs.get("min_position", 0))
+                             for f in requests_with_new_token], dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        ban = tensor_arg[: scores.size(0)].bool()
+        if not len(self.banned) or not ban.any():
+            return scores
+        scores = scores.clone()
+        banned = self.banned.to(scores.device)
+        scores[:, banned] = torch.where(ban[:, None], float("-inf"), scores[:, banned])
+        return scores
+
+
 class EngineProcessorList(ContinuousBatchingLogitsProcessorList):
     """transformers' list (per-request temperature and top_p when the batch samples, nothing when it is greedy)
     with the engine's processors before it (``first``) and after it (``last``), each with its argument row."""
@@ -84,9 +112,10 @@ class EngineProcessorList(ContinuousBatchingLogitsProcessorList):
         self.do_processing = len(self.logits_processor) > 0
 
 
-def batch_processors(sampling: bool) -> EngineProcessorList:
-    """The processors of a continuous batch: a sampling batch draws seeded requests with their own generator."""
-    return EngineProcessorList(sampling, last=[SeededSampler()] if sampling else [])
+def batch_processors(sampling: bool, eos_ids: set[int]) -> EngineProcessorList:
+    """The processors of a continuous batch: min_tokens first; a sampling batch draws seeded requests with their
+    own generator, last."""
+    return EngineProcessorList(sampling, first=[MinTokens(eos_ids)], last=[SeededSampler()] if sampling else [])
 
 
 class SeededGumbel(LogitsProcessor):

@@ -22,6 +22,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     strip: bool = True  # a response to a template prompt; a raw continuation (strip=False) keeps its spaces
     seed: Optional[int] = None  # sampling draws from a generator of its own: same seed, same prompt, same text
+    ignore_eos: bool = False  # the end-of-sequence token does not end it: it goes on to max_new_tokens
+    min_tokens: int = 0  # no end-of-sequence token (nor stop string) before this many tokens
 
     @property
     def greedy(self) -> bool:
