@@ -13,10 +13,11 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from alpaca_lora.common.errors import UserError
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.settings import check, entry_point, help_text, key
 from alpaca_lora.data.loading import load_records
-from alpaca_lora.inference.engine import EngineSettings
+from alpaca_lora.inference.engine import EngineSettings, PromptTooLong
 from alpaca_lora.inference.generation import Decoding, Generation
 from alpaca_lora.inference.loading import InferenceModel, LoadedModel, load_for_inference, load_inference_settings
 
@@ -45,9 +46,13 @@ def load_generate_config(argv: list[str]) -> GenerateConfig:
 
 
 def print_streamed(loaded: LoadedModel, instruction: str, input_text: str, decoding: Decoding) -> None:
-    for piece in Generation(loaded, loaded.prompt(instruction, input_text), decoding):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    """The response as it is generated; an instruction the model's context cannot hold is one error line."""
+    try:
+        for piece in Generation(loaded, loaded.prompt(instruction, input_text), decoding):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except PromptTooLong as exc:
+        raise UserError(f"the instruction: {exc}") from None
     sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -74,35 +79,45 @@ def interactive(loaded: LoadedModel, decoding: Decoding) -> None:
             input_text = read_text("input> ")
         except EOFError:
             return
-        print_streamed(loaded, instruction, input_text, decoding)
+        try:
+            print_streamed(loaded, instruction, input_text, decoding)
+        except UserError as exc:  # one instruction too long: say so, and ask for the next
+            print(f"error: {exc}", file=sys.stderr)
 
 
-def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: GenerateConfig) -> None:
+def generate_file(loaded: LoadedModel, records: list[dict], source: str, cfg: GenerateConfig) -> int:
+    """Answers the records not answered yet, written in the file's order as soon as those before them are; a
+    record the model cannot answer (its prompt longer than the context) is skipped and reported (exit code 1),
+    the others answered. A rerun retries only what is missing."""
     journal = Journal(cfg.output_file, required="index")
     done = journal.done_indices(records, source)
     todo = [i for i in range(len(records)) if i not in done]
     prompts = [loaded.encode(loaded.prompt(records[i]["instruction"], records[i]["input"])) for i in todo]
-    engine = loaded.engine()
-    finished, written = {}, 0  # answers are written in the file's order as soon as those before them are
+    finished, written, skipped = {}, 0, []
     with tqdm(total=len(records), initial=len(done), desc="generating", unit="rec") as bar:
-        for position, request in engine.generate_many(prompts, cfg.sampling()):
-            finished[position] = request.text
+        for position, request in loaded.engine().generate_many(prompts, cfg.sampling(), raise_errors=False):
+            finished[position] = None if request.error else request.text
+            skipped += [(todo[position], request.error)] if request.error else []
             while written in finished:
-                index = todo[written]
-                journal.append({"index": index, "instruction": records[index]["instruction"],
-                                "input": records[index]["input"], "output": finished.pop(written)})
+                index, output = todo[written], finished.pop(written)
+                if output is not None:
+                    journal.append({"index": index, "instruction": records[index]["instruction"],
+                                    "input": records[index]["input"], "output": output})
                 written += 1
             bar.update(1)
-    print(f"{len(records)} answers in {cfg.output_file}", file=sys.stderr)
+    print(f"{len(records) - len(skipped)} of {len(records)} answers in {cfg.output_file}", file=sys.stderr)
+    for index, error in sorted(skipped):
+        print(f"error: record [{index}]: {error}; skipped (a rerun tries it again)", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def run(cfg: GenerateConfig) -> int:
     data = load_records(cfg.input_file, need_output=False) if cfg.input_file else None  # checked before loading
     loaded = load_for_inference(cfg)
-    loaded.engine(EngineSettings(max_batch=cfg.batch_size if data is not None else 1))  # its KV cache is sized so
+    loaded.start_engine(EngineSettings(max_batch=cfg.batch_size if data is not None else 1))  # its KV cache is sized so
     if data is not None:
-        generate_file(loaded, data.records, data.source, cfg)
-    elif cfg.instruction is not None:
+        return generate_file(loaded, data.records, data.source, cfg)
+    if cfg.instruction is not None:
         print_streamed(loaded, cfg.instruction, cfg.input, cfg)
     else:
         interactive(loaded, cfg)

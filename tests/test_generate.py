@@ -102,3 +102,30 @@ def test_template_comes_from_the_training_config(fact_adapters, tmp_path):
     assert load_for_inference(inference_settings(adapter=str(adapter), template="alpaca")).template.name == "alpaca"
     (adapter / "training_config.yaml").rename(adapter / "config.yaml")  # an adapter written before the rename
     assert load_for_inference(inference_settings(adapter=str(adapter))).template.name == "alpaca_lora"
+
+
+LONG = "Summarize: " + "the quick brown fox jumps over the lazy dog " * 200  # far past the tiny model's 512 tokens
+
+
+def test_a_prompt_longer_than_the_context_is_skipped_and_reported_and_the_rest_done(fact_adapters, tmp_path, capsys,
+                                                                                    fact):
+    rows = [fact, {"instruction": LONG}, {"instruction": "Name a color."}]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "answers.jsonl"
+    args = [f"adapter={fact_adapters[16]}", f"input_file={source}", f"output_file={output}", "batch_size=2",
+            "max_new_tokens=20"]
+    for _ in range(2):  # a rerun answers nothing new and reports the same record again
+        assert main(args) == 1
+        answers = [json.loads(line) for line in output.read_text().splitlines()]
+        assert [a["index"] for a in answers] == [0, 2] and answers[0]["output"] == "Quibbletown."
+        err = capsys.readouterr().err
+        assert "error: record [1]: the prompt is" in err and "longer than the model's context of 512" in err
+        assert "Traceback" not in err
+
+
+def test_one_instruction_longer_than_the_context_is_one_error_line(fact_adapters, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([f"adapter={fact_adapters[16]}", f"instruction={LONG}", "max_new_tokens=20"])
+    assert stopped.value.code == 2
+    assert "longer than the model's context of 512" in capsys.readouterr().err

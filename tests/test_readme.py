@@ -51,8 +51,7 @@ NOT_CHECKED = {
     "llama-server": "llama.cpp's binaries are not built here (make test-llamacpp checks the GGUF with llama.cpp)",
     "vllm": "vLLM needs a GPU and is not installed",
     "transformers": "transformers serve is run against our server in tests/test_export.py",
-    "lm_eval": "lm-eval's own client needs a running server: the serve tests run it (generate_until and "
-               "loglikelihood tasks); evaluate harness itself is tested in tests/evaluate/test_harness.py",
+    "lm_eval": "lm-eval's local-completions client is run against our server in tests/serve/test_lm_eval.py",
 }
 STAGE_MODULES = {module.removesuffix(".__main__"): name for name, (module, _) in cli.COMMANDS.items()}
 # Files the documents ask the user to bring, as a user would have them.

@@ -1,6 +1,6 @@
 """A model as it was trained, for inference: a base model (+ adapter) or a merged model, in the bits and with the
 template its training run saved (``load_inference_settings``), loaded once (``load_for_inference``) with its
-generation engine (``LoadedModel.engine``)."""
+generation engine (``LoadedModel.start_engine``)."""
 
 from __future__ import annotations
 
@@ -69,12 +69,27 @@ class LoadedModel:
     def encode(self, prompt: str) -> list[int]:
         return self.prompter.encode(prompt)
 
-    def engine(self, settings: EngineSettings | None = None) -> Engine:
-        """The model's one generation engine, started on first use (with ``settings``; later calls share it)."""
+    def start_engine(self, settings: EngineSettings | None = None) -> Engine:
+        """Starts the model's one generation engine, its batch, queue and KV cache sized by ``settings``. One runs
+        at a time: starting another while it runs is an error (``close()`` it first)."""
         with self._engine_lock:
-            if self._engine is None or self._engine.closed:
-                self._engine = Engine(self.model, self.tokenizer, settings)
+            if self._engine is not None and not self._engine.closed:
+                raise RuntimeError("this model's generation engine is already running; close() it first")
+            self._engine = Engine(self.model, self.tokenizer, settings)
             return self._engine
+
+    def engine(self, settings: EngineSettings | None = None) -> Engine:
+        """The running engine (see ``start_engine``). Given ``settings`` (the form of callers that started it on first
+        use), it starts one when none runs; settings other than those it runs with are an error, never ignored."""
+        with self._engine_lock:
+            running = self._engine if self._engine is not None and not self._engine.closed else None
+        if running is None and settings is not None:
+            return self.start_engine(settings)
+        if running is None:
+            raise RuntimeError("no generation engine runs for this model: start one with start_engine(settings)")
+        if settings is not None and settings != running.settings:
+            raise RuntimeError("this model's generation engine already runs with other settings; close() it first")
+        return running
 
 
 def load_for_inference(settings: InferenceModel) -> LoadedModel:

@@ -3,12 +3,21 @@ request keeps its own settings and stop strings, cancelling frees a place at onc
 refuses, a failing batch neither hangs nor stays broken, and what batching cannot do still works."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.inference.engine import Engine, EngineError, EngineSettings, QueueFull, Sampling, generate_texts
+from alpaca_lora.inference.engine import (
+    Engine,
+    EngineError,
+    EngineSettings,
+    PromptTooLong,
+    QueueFull,
+    Sampling,
+    generate_texts,
+)
 from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 PROMPTS = ["What is the capital of Zorblax?", "Give three tips for staying healthy.", "Reverse the order of the words.",
@@ -183,7 +192,7 @@ def test_log_probabilities_are_those_of_a_forward_pass(engine, model, tiny_token
 
 def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
     loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[4]), device="cpu"))
-    engine = loaded.engine(EngineSettings(max_batch=2))
+    engine = loaded.start_engine(EngineSettings(max_batch=2))
     try:
         assert engine.description.startswith("continuous batching")
         prompt = loaded.encode(loaded.prompt(fact["instruction"]))
@@ -191,3 +200,77 @@ def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
         assert [a.wait().text for a in answers] == [fact["output"]] * 2
     finally:
         engine.close()
+
+
+def test_the_engine_is_started_explicitly_and_settings_are_never_ignored(tiny_model_dir):
+    loaded = load_for_inference(inference_settings(model=str(tiny_model_dir), device="cpu"))
+    with pytest.raises(RuntimeError, match="start_engine"):
+        loaded.engine()  # nothing started it
+    engine = loaded.start_engine(EngineSettings(max_batch=2, batching="off"))
+    try:
+        assert loaded.engine() is engine and loaded.engine(EngineSettings(max_batch=2, batching="off")) is engine
+        with pytest.raises(RuntimeError, match="already running"):
+            loaded.start_engine(EngineSettings(max_batch=3, batching="off"))
+        with pytest.raises(RuntimeError, match="other settings"):  # not silently the first call's
+            loaded.engine(EngineSettings(max_batch=3, batching="off"))
+    finally:
+        engine.close()
+    assert loaded.start_engine(EngineSettings(max_batch=3, batching="off")).settings.max_batch == 3
+    loaded.engine().close()
+
+
+def test_a_seed_gives_the_same_tokens_alone_or_batched_with_others(model, tiny_tokenizer):
+    """Each seeded request draws from its own generator (keyed by its seed and the position of the token), so
+    neither its neighbours in the batch nor the batch's switch from greedy to sampling change its tokens."""
+    prompt = encode(tiny_tokenizer, PROMPTS[1])
+    seeded = Sampling(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=42)
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=8)) as engine:
+        alone = engine.submit(prompt, seeded)[0].wait().token_ids
+        others = [r for p in PROMPTS for r in engine.submit(encode(tiny_tokenizer, p),
+                                                             Sampling(max_new_tokens=30, temperature=1.3))]
+        batched = engine.submit(prompt, seeded)[0]
+        assert batched.wait().token_ids == alone and not all(r.done for r in others)  # they were generating
+        assert engine.submit(prompt, replace(seeded, seed=43))[0].wait().token_ids != alone
+        choices = [r.wait().token_ids for r in engine.submit(prompt, seeded, n=3)]
+        assert choices[0] == alone and len({tuple(c) for c in choices}) == 3  # n choices, each its own seed
+        assert [r.wait().token_ids for r in engine.submit(prompt, seeded, n=3)] == choices
+        top_k = replace(seeded, top_k=20, seed=5)  # generated alone (model.generate), seeded the same way
+        assert engine.submit(prompt, top_k)[0].wait().token_ids == engine.submit(prompt, top_k)[0].wait().token_ids
+
+
+def test_a_prompt_longer_than_the_cache_fails_alone_and_the_others_go_on(model, tiny_tokenizer):
+    """Refused at once with a clear error of its own (never admitted to the batch, where it could only stall it
+    and then fail every request in it); one that fits but leaves less room than max_new_tokens is answered as far
+    as the context allows."""
+    prompt = encode(tiny_tokenizer, PROMPTS[1])
+    too_long = encode(tiny_tokenizer, "the quick brown fox jumps over the lazy dog " * 200)
+    with Engine(model, tiny_tokenizer, EngineSettings(max_batch=2, cache_tokens=1024)) as engine:
+        assert engine.context_length == 512 and len(too_long) > 1024
+        running = engine.submit(prompt, Sampling(max_new_tokens=40))[0]
+        with pytest.raises(PromptTooLong, match="longer than the model's context of 512"):
+            engine.submit(too_long, Sampling(max_new_tokens=4))
+        assert running.wait().token_ids == greedy_reference(model, tiny_tokenizer, prompt, 40)
+        near_the_end = too_long[:500]
+        assert engine.submit(near_the_end, Sampling(max_new_tokens=40))[0].wait().completion_tokens == 12
+        done = dict(engine.generate_many([prompt, too_long, prompt], Sampling(max_new_tokens=8), raise_errors=False))
+        assert done[0].token_ids == done[2].token_ids == greedy_reference(model, tiny_tokenizer, prompt, 8)
+        assert "longer than the model's context" in done[1].error and done[1].token_ids == []
+        with pytest.raises(PromptTooLong):  # a batch job that did not ask for failures raises
+            list(engine.generate_many([too_long], Sampling(max_new_tokens=8)))
+
+
+def test_ignore_eos_and_min_tokens_in_every_path(fact_adapters, fact):
+    """The fact's answer ends at EOS after a few tokens: ignore_eos goes on to max_new_tokens, min_tokens holds
+    EOS off that long, whether the batch is greedy, samples, or the request is generated alone (top_k)."""
+    loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[16]), device="cpu"))
+    prompt = loaded.encode(loaded.prompt(fact["instruction"]))
+    with loaded.start_engine(EngineSettings(max_batch=2)) as engine:
+        for path in [dict(), dict(temperature=1e-3, seed=1), dict(temperature=1.0, top_k=1)]:  # batch, alone
+            plain = engine.submit(prompt, Sampling(max_new_tokens=20, **path))[0].wait()
+            assert plain.text == "Quibbletown." and plain.finish_reason == "stop" and plain.completion_tokens < 10
+            ignored = engine.submit(prompt, Sampling(max_new_tokens=20, ignore_eos=True, **path))[0].wait()
+            assert ignored.finish_reason == "length" and ignored.completion_tokens == 20
+            assert ignored.token_ids[:plain.completion_tokens] == plain.token_ids
+            at_least = engine.submit(prompt, Sampling(max_new_tokens=20, min_tokens=12, **path))[0].wait()
+            assert at_least.completion_tokens >= 12 and at_least.text.startswith("Quibbletown.")
+            assert plain.token_ids[-1] not in at_least.token_ids[:12]  # no EOS among the first 12

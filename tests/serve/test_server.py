@@ -252,3 +252,34 @@ def test_the_data_builder_can_use_the_server(server, tmp_path, monkeypatch, fact
     assert build(["mode=regenerate", f"input={source}", "model=zorblax", f"base_url={server}",
                   f"output={tmp_path / 'out.json'}", "temperature=0", "top_p=null", "max_tokens=20"]) == 0
     assert json.loads((tmp_path / "out.json").read_text()) == [fact]
+
+
+@pytest.mark.parametrize("logprobs, top", [(None, None), (0, 1), (2, 3)])
+def test_completion_logprobs_are_a_count_of_alternatives_or_null(client, logprobs, top):
+    reply = client.completions.create(model="zorblax", prompt="Hello", temperature=0, max_tokens=4, logprobs=logprobs)
+    listed = reply.choices[0].logprobs
+    assert (listed is None) == (top is None)
+    if listed is not None:  # the sampled token's, plus `logprobs` alternatives (one more if it is not among them)
+        assert len(listed.tokens) == 4 and all(1 <= len(t) <= top for t in listed.top_logprobs)
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_completion_logprobs_true_or_false_is_refused_not_taken_as_a_count(client, value):
+    """OpenAI's completions take an integer or null (true/false is the chat API's form): false is not 0."""
+    with pytest.raises(openai.BadRequestError) as error:
+        client.post("/completions", body={"model": "zorblax", "prompt": "Hello", "max_tokens": 2, "logprobs": value},
+                    cast_to=object)
+    assert error.value.body["param"] == "logprobs" and "integer" in error.value.body["message"]
+
+
+def test_a_seed_reproduces_a_sampled_answer_also_batched_with_others(client):
+    ask = dict(model="zorblax", messages=[{"role": "user", "content": "Say anything."}], temperature=1.5,
+               max_tokens=12)
+    first = client.chat.completions.create(**ask, seed=7).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda seed: client.chat.completions.create(**ask, seed=seed), [7, 8, 7, 9]))
+    texts = [r.choices[0].message.content for r in replies]
+    assert texts[0] == texts[2] == first and len(set(texts)) > 1
+    choices = [[c.message.content for c in client.chat.completions.create(**ask, seed=7, n=3).choices]
+               for _ in range(2)]
+    assert choices[0] == choices[1] and choices[0][0] == first and len(set(choices[0])) > 1

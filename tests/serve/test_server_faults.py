@@ -214,3 +214,36 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/models", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_with_requests_in_flight_answers_them_in_openais_shape(tiny_model_dir, tmp_path, free_port, sig):
+    """A plain request gets a JSON error, a stream an error event before [DONE], and the server does not wait out
+    uvicorn's graceful timeout for them (it would log that it cancelled them)."""
+    port = free_port()
+    stderr = tmp_path / "stderr"
+    server = subprocess.Popen([sys.executable, "-m", "alpaca_lora.serve", f"model={tiny_model_dir}", f"port={port}",
+                               "served_model_name=tiny"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True)
+    try:
+        assert server.stdout.readline().startswith("serving ")
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_for(lambda: _answers(url), "the server to listen")
+        body = {"model": "tiny", "messages": ASK, "max_tokens": 400, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=HANG_GUARD) as http:
+            plain = pool.submit(http.post, f"{url}/chat/completions", json=body)
+            with http.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}) as stream:
+                lines = stream.iter_lines()
+                events = [next(line for line in lines if line.startswith("data:"))]
+                wait_for(lambda: health(url)["generating"] == 2, "both requests to generate")
+                server.send_signal(sig)
+                events += [line for line in lines if line.startswith("data:")]
+            answer = plain.result()
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+        assert "shutting down" in answer.json()["error"]["message"]
+        assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][5:])["error"]["message"]
+        server.wait(timeout=60)
+        log = stderr.read_text()
+        assert "graceful shutdown exceeded" not in log and "Traceback" not in log
+    finally:
+        server.kill()

@@ -24,42 +24,36 @@ are the model's own distribution, exactly.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import queue
 import threading
 import time
 from collections import Counter, deque
-from contextlib import ExitStack, aclosing, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.settings import check, key
+from alpaca_lora.inference.engine.detokenizer import Detokenizer
+from alpaca_lora.inference.engine.direct import generate_directly
+from alpaca_lora.inference.engine.errors import EngineStopped, PromptTooLong, QueueFull
+from alpaca_lora.inference.engine.processors import batch_processors
+from alpaca_lora.inference.engine.request import EngineRequest
+from alpaca_lora.inference.engine.sampling import Sampling
+from alpaca_lora.inference.engine.scoring import Scorer
 
 log = get_logger(__name__)
 
-# Temperatures below this decode greedily, as in vLLM: logits divided by 1e-45 overflow to inf and nan.
-GREEDY_BELOW = 1e-5
 BATCHING_MODES = ("auto", "off")
 DEFAULT_CACHE_TOKENS = 16384
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 SAMPLING_KEPT_FOR = 30.0  # seconds an idle sampling batch waits for another sampled request before going greedy
-_END = object()  # the last event of a request
-
-
-class QueueFull(Exception):
-    """Every place in the batch and in the queue is taken."""
-
-
-class EngineError(Exception):
-    """A request failed while generating (the message says why)."""
 
 
 @dataclass
@@ -80,280 +74,6 @@ class EngineSettings:
             (self.batch_tokens >= 16, "batch_tokens", "must be at least 16"),
             (self.cache_tokens is None or self.cache_tokens >= 64, "cache_tokens", "must be at least 64"),
         ]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one request decodes. A temperature of 0 (below 1e-5) is greedy; top_k 0 is off."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_beams: int = 1
-    repetition_penalty: Optional[float] = None
-    stop: tuple[str, ...] = ()
-    strip: bool = True  # a response to a template prompt; a raw continuation (strip=False) keeps its spaces
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-    @property
-    def batchable(self) -> bool:
-        """What the continuous batch does: greedy, or sampling with temperature and top_p."""
-        return self.num_beams == 1 and self.repetition_penalty in (None, 1.0) and (self.greedy or not self.top_k)
-
-    @property
-    def unbatched_reason(self) -> str:
-        return "beam search" if self.num_beams > 1 else "top_k" if self.top_k else "repetition_penalty"
-
-
-@dataclass
-class Delta:
-    """New text of a request, and the generated tokens it came from (not given in an earlier delta)."""
-
-    text: str
-    token_ids: list[int]
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens at that position, most likely first
-
-
-class EngineRequest:
-    """One request: iterate it (``async for`` over ``deltas()`` in a server) for its text as it is
-    generated. Once it has ended, ``text``, ``finish_reason`` ("stop", "length" or "cancelled"),
-    ``error`` and ``completion_tokens`` are final. Stop strings are cut off the text; the tokens
-    generated up to the one that completed a stop string are counted."""
-
-    def __init__(self, engine: Engine, ident: str, prompt_ids: list[int], sampling: Sampling):
-        self.engine, self.id, self.prompt_ids, self.sampling = engine, ident, prompt_ids, sampling
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.completion_tokens = 0
-        self._visible_lengths = [0]  # length of the visible text after i generated tokens
-        self._given = 0  # generated tokens handed out in deltas
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._done_callbacks: list[Callable[[EngineRequest], None]] = []
-        self._base: list[int] = []  # tokens generated in an earlier batch (the current one continues them)
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stops the request and frees its place at once; a request that has ended is left as it is."""
-        if self._end(finish_reason="cancelled"):
-            self.engine._retire(self, still_generating=True)
-
-    def wait(self) -> EngineRequest:
-        self._done.wait()
-        if self.error:
-            raise EngineError(self.error)
-        return self
-
-    def __iter__(self) -> Iterator[Delta]:
-        try:
-            while (event := self._events.get()) is not _END:
-                yield event
-        finally:
-            self.cancel()  # no-op once ended; frees the place if the reader stops early
-        if self.error:
-            raise EngineError(self.error)
-
-    async def deltas(self) -> AsyncIterator[Delta]:
-        async with aclosing(follow([self])) as events:
-            async for _, delta in events:
-                if delta is not None:
-                    yield delta
-
-    # -- called by the engine's threads --------------------------------------------------------
-
-    def _advance(self, token_ids: list[int], finished: bool, error: str | None = None) -> bool:
-        """The tokens generated so far; True when this ended the request (the engine then frees its place)."""
-        with self._lock:
-            if self.done:
-                return False
-            if error:
-                self.error = error
-                return self._end_locked(None)
-            tokenizer = self.engine.tokenizer
-            for count in range(len(self._visible_lengths), len(token_ids)):  # tokens that came several at once
-                text = self._visible(tokenizer.decode(token_ids[:count], skip_special_tokens=True))
-                self._visible_lengths.append(len(text.rstrip("\ufffd")))
-            self.token_ids = list(token_ids)
-            raw = self._visible(tokenizer.decode(token_ids, skip_special_tokens=True))
-            if len(self._visible_lengths) <= len(token_ids):
-                self._visible_lengths.append(len(raw.rstrip("\ufffd")))
-            piece = self._emit(raw, final=finished)
-            if piece:
-                self._push(Delta(piece, self._take_tokens()))
-            if self.finish_reason:  # a stop string
-                return self._end_locked(self.finish_reason)
-            if finished:
-                ended = bool(token_ids) and token_ids[-1] in self.engine.eos_ids
-                return self._end_locked("stop" if ended else "length")
-            return False
-
-    def _end(self, finish_reason: str | None) -> bool:
-        with self._lock:
-            return False if self.done else self._end_locked(finish_reason)
-
-    def _end_locked(self, finish_reason: str | None) -> bool:
-        self.finish_reason = self.finish_reason or finish_reason
-        self.completion_tokens = len(self.token_ids)
-        if self._given < self._aligned(len(self.text)) and not self.error:
-            self._push(Delta("", self._take_tokens()))
-        self._done.set()
-        self._push(_END)
-        for callback in self._done_callbacks:
-            callback(self)
-        return True
-
-    def _visible(self, raw: str) -> str:
-        return raw.lstrip() if self.sampling.strip else raw
-
-    def _emit(self, raw: str, final: bool) -> str:
-        """The part of ``raw`` not yet given out, up to a stop string, holding back what may become one
-        (and a character still incomplete)."""
-        end = len(raw)
-        for stop in self.sampling.stop:
-            found = raw.find(stop)
-            if found != -1 and found < end:
-                end, self.finish_reason = found, "stop"
-        if not self.finish_reason and not final:
-            end -= max((n for stop in self.sampling.stop for n in range(len(stop) - 1, 0, -1)
-                        if raw.endswith(stop[:n])), default=0)
-            end = len(raw[:end].rstrip("\ufffd"))
-        if final and not self.finish_reason and self.sampling.strip:
-            end = len(raw[:end].rstrip())
-        if end <= len(self.text):
-            return ""
-        piece, self.text = raw[len(self.text):end], raw[:end]
-        return piece
-
-    def _aligned(self, length: int) -> int:
-        """How many generated tokens it takes to produce ``length`` characters of visible text."""
-        count = self._given
-        while count < len(self._visible_lengths) - 1 and self._visible_lengths[count] < length:
-            count += 1
-        return count
-
-    def _take_tokens(self) -> list[int]:
-        upto = self._aligned(len(self.text))
-        taken, self._given = self.token_ids[self._given:upto], max(self._given, upto)
-        return taken
-
-    def _push(self, event) -> None:
-        self._events.put(event)
-        for loop, wake in list(self._watchers):
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # that event loop has closed
-                pass
-
-
-async def follow(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, Delta | None]]:
-    """(index, delta) for each request's new text as it comes, and (index, None) when it ends;
-    raises EngineError if one fails. Leaving early (a client that disconnected) cancels them all."""
-    loop, wake = asyncio.get_running_loop(), asyncio.Event()
-    for request in requests:
-        request._watchers.append((loop, wake))
-    open_ = set(range(len(requests)))
-    try:
-        while open_:
-            wake.clear()
-            for index in sorted(open_):
-                request = requests[index]
-                while True:
-                    try:
-                        event = request._events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if event is _END:
-                        open_.discard(index)
-                        if request.error:
-                            raise EngineError(request.error)
-                        yield index, None
-                        break
-                    yield index, event
-            if open_:
-                await wake.wait()
-    finally:
-        for request in requests:
-            request.cancel()
-            request._watchers.remove((loop, wake))
-
-
-class Scorer:
-    """Log probabilities of generated tokens under the model's own distribution, computed as they come:
-    each call runs the model over the tokens not yet seen, reusing the KV cache of the earlier calls."""
-
-    def __init__(self, engine: Engine, prompt_ids: list[int], top: int):
-        self.engine, self.top = engine, top
-        self._unseen = list(prompt_ids)
-        self._cache = None
-
-    @torch.no_grad()
-    def score(self, token_ids: list[int]) -> list[TokenLogprob]:
-        if not token_ids:
-            return []
-        engine = self.engine
-        feed = self._unseen + token_ids[:-1]  # the logits after token i predict token i + 1
-        with engine._model_to_myself():
-            ids = torch.tensor([feed], device=engine.device)
-            output = engine.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
-        self._cache, first = output.past_key_values, len(self._unseen) - 1
-        self._unseen = token_ids[-1:]
-        logprobs = torch.log_softmax(output.logits[0, first:].float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
-        top_values, top_ids = logprobs.topk(self.top, dim=-1) if self.top else (logprobs[:, :0], logprobs[:, :0])
-        return [TokenLogprob(token, value, list(zip(ids_.tolist(), values.tolist())))
-                for token, value, ids_, values in zip(token_ids, chosen, top_ids.long(), top_values)]
-
-
-class _StopWhenEnded(StoppingCriteria):
-    """Ends each row of a direct generation once its request has ended (cancelled, or a stop string)."""
-
-    def __init__(self, requests: list[EngineRequest]):
-        self.requests = requests
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.tensor([r.done for r in self.requests], dtype=torch.bool, device=input_ids.device)
-
-
-class _TokenStreamer(BaseStreamer):
-    """Hands each new token of a direct generation to its request (stop strings are seen as they come)."""
-
-    def __init__(self, requests: list[EngineRequest], eos_ids: set[int]):
-        self.requests, self.eos_ids = requests, eos_ids
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        for request, tokens, token in zip(self.requests, self.tokens, value.reshape(len(self.requests)).tolist()):
-            if not tokens or tokens[-1] not in self.eos_ids:
-                tokens.append(token)
-                request._advance(tokens, finished=False)
-
-    def end(self) -> None:
-        pass
 
 
 def _rng_kept():
@@ -392,9 +112,12 @@ class Engine:
         self._model_lock = threading.Lock()
         self._waiting: deque[EngineRequest] = deque()
         self._running: dict[str, EngineRequest] = {}
+        self._base: dict[str, list[int]] = {}  # tokens a request had from an earlier batch (the current one goes on)
         self._pending = 0
         self._ended: Counter[str] = Counter()  # requests that have ended, by finish reason
         self._closed = False
+        self._stopping: str | None = None  # why no request is taken any more
+        self._open: set[EngineRequest] = set()  # every request not ended yet
         self._warned: set[str] = set()
         self._direct: queue.SimpleQueue = queue.SimpleQueue()
         self._own_attention = getattr(model.config, "_attn_implementation", None)
@@ -438,28 +161,35 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> list[EngineRequest]:
-        """``n`` requests for one prompt, all admitted or none (QueueFull)."""
-        return self._enqueue([prompt_ids] * n, sampling, check_capacity=True)
+        """``n`` requests for one prompt, all admitted or none (QueueFull); seeded, each its own seed."""
+        return self.submit_all([(prompt_ids, sampling.for_choice(i)) for i in range(n)])
 
-    def generate_many(self, prompts: list[list[int]], sampling: Sampling,
-                      progress: str | None = None) -> Iterator[tuple[int, EngineRequest]]:
+    def submit_all(self, jobs: list[tuple[list[int], Sampling]]) -> list[EngineRequest]:
+        """A request for each (prompt, sampling) pair (samplings that differ at most in their seeds), all admitted
+        or none: QueueFull, or PromptTooLong for a prompt the context cannot hold."""
+        return self._enqueue(jobs, check_capacity=True)
+
+    def generate_many(self, prompts: list[list[int]], sampling: Sampling, progress: str | None = None,
+                      raise_errors: bool = True) -> Iterator[tuple[int, EngineRequest]]:
         """(index, finished request) for each prompt, in the order they finish; a batch job is never
-        refused (it waits for places). Leaving early cancels the rest."""
+        refused (it waits for places). A request that failed (a prompt longer than the context, say) raises
+        its error, or with ``raise_errors=False`` is given like the others, its ``error`` saying why: the rest
+        go on. Leaving early cancels the rest."""
         finished: queue.SimpleQueue = queue.SimpleQueue()
-        requests = self._enqueue(prompts, sampling, check_capacity=False, on_done=finished.put)
+        requests = self._enqueue([(p, sampling) for p in prompts], check_capacity=False, on_done=finished.put)
         index = {id(request): i for i, request in enumerate(requests)}
         try:
             for _ in tqdm(range(len(requests)), desc=progress, disable=progress is None, unit="answer"):
                 request = finished.get()
-                if request.error:
-                    raise EngineError(request.error)
+                if raise_errors:
+                    request.raise_failure()
                 yield index[id(request)], request
         finally:
             for request in requests:
                 request.cancel()
 
     def scorer(self, prompt_ids: list[int], top: int) -> Scorer:
-        return Scorer(self, self.prompt_ids(prompt_ids), top)
+        return Scorer(self._forward_alone, self.prompt_ids(prompt_ids), top)
 
     def prompt_ids(self, prompt_ids: list[int]) -> list[int]:
         """The tokens a prompt is generated from: an empty prompt starts a new document (BOS, else EOS)."""
@@ -476,34 +206,61 @@ class Engine:
                     "alone": self._pending - len(self._running) - len(self._waiting), "places": self.capacity,
                     "sampling_batch": self._samples, "ended": dict(self._ended)}
 
-    def _enqueue(self, prompts: list[list[int]], sampling: Sampling, check_capacity: bool,
+    def _enqueue(self, jobs: list[tuple[list[int], Sampling]], check_capacity: bool,
                  on_done: Callable | None = None) -> list[EngineRequest]:
-        requests = [EngineRequest(self, f"r{next(self._ids)}", self.prompt_ids(p), sampling) for p in prompts]
+        """Requests for (prompt, sampling) pairs that differ at most in their seeds. A prompt the context cannot
+        hold is never admitted: ``submit`` (``check_capacity``) raises PromptTooLong, a batch job's request
+        fails with it at once."""
+        def ended(request: EngineRequest, still_generating: bool) -> None:
+            self._retire(request, still_generating)
+            if on_done is not None:
+                on_done(request)
+
+        requests = [EngineRequest(f"r{next(self._ids)}", self.prompt_ids(p), s,
+                                  Detokenizer(self.tokenizer, s.stop, s.strip, s.min_tokens),
+                                  set() if s.ignore_eos else self.eos_ids, ended) for p, s in jobs]
+        too_long = {id(r): PromptTooLong(f"the prompt is {r.prompt_tokens} tokens, longer than the model's context "
+                                         f"of {self.context_length} tokens allows (it must leave room for a token "
+                                         "to be generated); nothing was generated")
+                    for r in requests if r.prompt_tokens >= self.context_length}
+        if too_long and check_capacity:
+            raise next(iter(too_long.values()))
+        for request in requests:  # as far as the context allows
+            request.max_new_tokens = min(request.sampling.max_new_tokens, self.context_length - request.prompt_tokens)
+        self._admit([r for r in requests if id(r) not in too_long], check_capacity, len(requests))
         for request in requests:
-            request._done_callbacks += [on_done] if on_done else []
+            if id(request) in too_long:
+                request._fail(too_long[id(request)])
+        return requests
+
+    def _admit(self, requests: list[EngineRequest], check_capacity: bool, count: int) -> None:
+        """Counts ``count`` requests in (QueueFull past the capacity) and queues ``requests``: to the batch,
+        or to be generated alone."""
+        sampling = requests[0].sampling if requests else None
         with self._lock:
-            if self._closed:
-                raise EngineError("the engine has stopped")
-            if check_capacity and self._pending + len(requests) > self.capacity:
+            if self._stopping:
+                raise EngineStopped(self._stopping)
+            if check_capacity and self._pending + count > self.capacity:
                 raise QueueFull(f"all {self.capacity} places are taken ({self.settings.max_batch} generating, "
                                 f"{self.settings.max_queue} waiting); try again shortly")
-            self._pending += len(requests)
-            if self.batching_off is None and sampling.batchable:
+            self._pending += count
+            self._open.update(requests)
+            if not requests or (self.batching_off is None and sampling.batchable):
                 self._waiting.extend(requests)
                 self._fill()
-                return requests
+                return
         if self.batching_off is None:
             self._warn_once(f"{sampling.unbatched_reason} is not continuously batched: such requests are "
                             "generated alone, pausing the batch")
         step = 1 if check_capacity else self.settings.max_batch  # a batch job goes in padded batches
         for start in range(0, len(requests), step):
             self._direct.put(requests[start:start + step])
-        return requests
 
     def _fill(self) -> None:
         """Moves waiting requests into the batch while it has places (called holding the lock). A request
         that samples waits for the dispatcher to switch a greedy batch to sampling."""
-        while self._manager is not None and self._waiting and len(self._running) < self.settings.max_batch:
+        while (self._manager is not None and not self._stopping and self._waiting
+               and len(self._running) < self.settings.max_batch):
             request = self._waiting[0]
             if request.done:
                 self._waiting.popleft()
@@ -518,12 +275,13 @@ class Engine:
                 return  # the batching thread has failed: the dispatcher replaces it, then refills
             base = list(request.token_ids)  # a request moved from an earlier batch goes on from its tokens
             accepted = self._manager.add_request(request.prompt_ids + base, request_id=request.id,
-                                                 max_new_tokens=s.max_new_tokens - len(base), streaming=True,
-                                                 eos_token_id=sorted(self.eos_ids) or -1, **self._batch_kwargs(s))
+                                                 max_new_tokens=request.max_new_tokens - len(base), streaming=True,
+                                                 eos_token_id=sorted(request.eos_ids) or -1,
+                                                 **self._batch_kwargs(s, request.prompt_tokens))
             if accepted is None:  # the batching thread is stopping: the dispatcher restarts it and refills
                 return
             self._waiting.popleft()
-            request._base = base
+            self._base[request.id] = base
             self._running[request.id] = request
 
     def _retire(self, request: EngineRequest, still_generating: bool = False) -> None:
@@ -531,9 +289,11 @@ class Engine:
         dropped from it before the next forward pass)."""
         with self._lock:
             self._pending -= 1
+            self._open.discard(request)
             self._ended["failed" if request.error else request.finish_reason] += 1
+            self._base.pop(request.id, None)
             if self._running.pop(request.id, None) is not None:
-                if still_generating and not self._closed:
+                if still_generating and not self._closed and self._manager is not None:
                     self._manager.cancel_request(request.id)
             elif request in self._waiting:
                 self._waiting.remove(request)
@@ -547,13 +307,16 @@ class Engine:
 
     # -- the continuous batch ----------------------------------------------------------------------
 
-    def _batch_kwargs(self, sampling: Sampling) -> dict:
-        """A request's own sampling settings, for a batch that samples (a greedy batch takes none)."""
+    def _batch_kwargs(self, sampling: Sampling, prompt_tokens: int = 1) -> dict:
+        """A request's own settings for the batch's processors: min_tokens always, the sampling ones in a batch
+        that samples (a greedy batch takes none)."""
+        kwargs = {"min_position": prompt_tokens + sampling.min_tokens} if sampling.min_tokens else {}
         if not self._samples:
-            return {}
+            return kwargs
         if sampling.greedy:  # only the most likely token is left: argmax
-            return {"temperature": 1.0, "top_p": 0.0}
-        return {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)}
+            return {**kwargs, "temperature": 1.0, "top_p": 0.0}
+        seeded = {} if sampling.seed is None else {"seed": sampling.seed}
+        return {**kwargs, "temperature": float(sampling.temperature), "top_p": float(sampling.top_p), **seeded}
 
     def _new_manager(self, sampling: bool):
         """A started continuous batch (greedy: argmax, no sampling over the vocabulary at all), checked
@@ -570,6 +333,7 @@ class Engine:
             with _rng_kept():
                 manager = self.model.init_continuous_batching(generation_config=generation_config,
                                                               continuous_batching_config=batching_config)
+                manager.logit_processor = batch_processors(sampling, self.eos_ids)  # read when it starts
                 manager.start()
                 self._samples = sampling
                 manager.add_request([self.start_token], request_id="warm-up", max_new_tokens=1,
@@ -601,9 +365,9 @@ class Engine:
             if output is not None:
                 with self._lock:
                     request = self._running.get(output.request_id)
-                if request is not None and request._advance(request._base + output.generated_tokens,
-                                                            output.is_finished(), output.error):
-                    self._retire(request, still_generating=not output.is_finished())
+                if request is not None:
+                    request._advance(self._base.get(request.id, []) + output.generated_tokens, output.is_finished(),
+                                     output.error)
                 if not self._want_sampling:
                     continue
             if self._closed:
@@ -644,13 +408,12 @@ class Engine:
                     to_direct, self._waiting = list(self._waiting), deque()
                 else:
                     if not failed:
-                        go_on = [r for r in moving if r.sampling.max_new_tokens > len(r.token_ids)]
+                        go_on = [r for r in moving if r.max_new_tokens > len(r.token_ids)]
                         to_finish = [r for r in moving if r not in go_on]  # its last token never reached us
                         self._waiting.extendleft(reversed(go_on))
                     self._fill()
         for request in moving if failed else to_finish:
-            if request._advance(request.token_ids, True, error=reason if failed else None):
-                self._retire(request)
+            request._advance(request.token_ids, True, error=reason if failed else None)
         for request in to_direct:
             self._direct.put([request])
         return new
@@ -687,50 +450,37 @@ class Engine:
         while (batch := self._direct.get()) is not None:
             requests = [r for r in batch if not r.done]
             if requests:
-                self._generate_directly(requests)
+                generate_directly(self.model, self.tokenizer, requests, self._model_to_myself)
 
-    def _generate_directly(self, requests: list[EngineRequest]) -> None:
-        """``model.generate`` for requests continuous batching does not take, left-padded together."""
-        s, tokenizer = requests[0].sampling, self.tokenizer
-        padded = tokenizer.pad({"input_ids": [r.prompt_ids for r in requests]}, padding_side="left",
-                               return_tensors="pt").to(self.device)
-        kwargs = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "do_sample": not s.greedy,
-                  "temperature": None, "top_p": None, "top_k": None, "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": tokenizer.eos_token_id,
-                  "stopping_criteria": StoppingCriteriaList([_StopWhenEnded(requests)])}
-        if not s.greedy and s.num_beams == 1:
-            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        if s.num_beams > 1:
-            kwargs["early_stopping"] = True
-        else:
-            kwargs["streamer"] = _TokenStreamer(requests, self.eos_ids)
-        if s.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = s.repetition_penalty
-        try:
-            with self._model_to_myself(), torch.no_grad():
-                output = self.model.generate(**padded, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the requests fail, the engine goes on
-            log.exception("generation failed")
-            for request in requests:
-                if request._advance(request.token_ids, True, error=f"generation failed: {type(exc).__name__}: {exc}"):
-                    self._retire(request)
-            return
-        for request, row in zip(requests, output[:, padded["input_ids"].shape[1]:].tolist()):
-            ends = [i for i, token in enumerate(row) if token in self.eos_ids]
-            if request._advance(row[:ends[0] + 1] if ends else row, finished=True):
-                self._retire(request)
+    def _forward_alone(self, input_ids: list[int], cache, logits_to_keep: int = 0):
+        """One forward pass of the model outside the batch (a Scorer's), extending ``cache``; the logits of the last
+        ``logits_to_keep`` positions (0: all)."""
+        with self._model_to_myself(), torch.no_grad():
+            ids = torch.tensor([input_ids], device=self.device)
+            return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
 
     # -- the end -----------------------------------------------------------------------------------
 
+    def abort(self, message: str) -> None:
+        """Ends every open request with ``EngineStopped(message)`` and takes no new one (a server shutting down
+        answers them at once, instead of waiting for them); ``close()`` then stops the threads."""
+        with self._lock:
+            self._stopping = message
+            requests = list(self._open)
+        for request in requests:
+            request._fail(EngineStopped(message))
+
     def close(self) -> None:
-        """Ends every request (as cancelled) and stops the batching thread."""
+        """Ends every request still open (cancelled) and stops the engine's threads."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            requests = list(self._running.values()) + list(self._waiting)
+            self._stopping = self._stopping or "the engine has stopped"
+            requests = list(self._open)
         for request in requests:
-            request._end("cancelled")
+            request._fail(EngineStopped(self._stopping))
+        with self._lock:
+            self._closed = True
         self._stop_manager(self._manager)
         self._manager = None
         self._direct.put(None)
