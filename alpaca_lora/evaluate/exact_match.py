@@ -28,7 +28,7 @@ def exact_match(model, tokenizer, template: PromptTemplate, records: list[dict[s
 
     Generation stops a few tokens past the longest reference: a longer answer cannot match anyway.
     """
-    from alpaca_lora.inference.loading import generate_batch  # torch: only when a model is scored
+    from alpaca_lora.inference.generation import generate_batch  # torch: only when a model is scored
 
     reference_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     max_new_tokens = max(map(len, reference_ids), default=1) + 4
