@@ -16,14 +16,12 @@ import hashlib
 import os
 import random
 import secrets
-import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from alpaca_lora.common.errors import ConfigError
 from alpaca_lora.common.logs import get_logger
+from alpaca_lora.common.sqlite import SqliteStore
 from alpaca_lora.evaluate.answers import Answers, Pair
 from alpaca_lora.evaluate.report import tally
 
@@ -64,36 +62,10 @@ def winner_of(choice: str, first: str) -> str:
     return choice
 
 
-class ArenaStore:
-    """The votes database. A connection per operation, each write one IMMEDIATE transaction."""
+class ArenaStore(SqliteStore):
+    """The votes database (see ``common.sqlite``: WAL, a connection per operation, each write one transaction)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as db:
-            db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
-
-    @contextmanager
-    def connect(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a vote is on disk when the page says it is counted
-            db.row_factory = sqlite3.Row
-            yield db
-        finally:
-            db.close()
-
-    @contextmanager
-    def transaction(self):
-        with self.connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    SCHEMA = SCHEMA
 
     def open_arena(self, a: Answers, b: Answers, pairs: list[Pair]) -> Arena:
         """The arena of generators a and b (made on first use), with these pairs as its items."""
@@ -112,10 +84,10 @@ class ArenaStore:
         return Arena(self, arena_id, items)
 
     def votes(self, arena: int | None = None) -> list[dict]:
-        """Every vote (of one arena, or all) with its item and the arena's generators."""
+        """Every vote (of one arena, or all) with its item (both answers) and the arena's generators."""
         query = ("SELECT v.id, v.arena, r.a, r.b, v.voter, v.item, i.key, i.id AS item_id, i.category, i.instruction, "
-                 "i.input, v.first, v.choice, v.winner, v.time FROM votes v JOIN arenas r ON r.id = v.arena "
-                 "JOIN items i ON i.arena = v.arena AND i.item = v.item")
+                 "i.input, i.output_a, i.output_b, v.first, v.choice, v.winner, v.time FROM votes v "
+                 "JOIN arenas r ON r.id = v.arena JOIN items i ON i.arena = v.arena AND i.item = v.item")
         with self.connect() as db:
             rows = db.execute(query + (" WHERE v.arena = ?" if arena is not None else "") + " ORDER BY v.id",
                               (arena,) if arena is not None else ()).fetchall()
