@@ -20,7 +20,7 @@ COMMANDS = {
               "fine-tune a base model with a recipe (QLoRA, LoRA, full fine-tune with FSDP)"),
     "merge": ("alpaca_lora.merge", "merge a LoRA adapter into its base, verified"),
     "generate": ("alpaca_lora.generate", "answer an instruction, chat in the terminal, or answer a whole file"),
-    "app": ("alpaca_lora.app", "a Gradio page to try a model in the browser"),
+    "app": ("alpaca_lora.app.__main__", "a Gradio page to try a model in the browser; votes kept with feedback_db="),
     "serve": ("alpaca_lora.serve.__main__", "an OpenAI-compatible API server"),
     "evaluate": ("alpaca_lora.evaluate.__main__",
                  "answer an evaluation set; judge two answer files pairwise (an LLM judge or the references)"),

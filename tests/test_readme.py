@@ -141,7 +141,7 @@ def alpaca_lora(argv: list[str]) -> int:
 
 def validators() -> dict:
     """Each stage's own settings loader: what its command runs before any work."""
-    from alpaca_lora.app import load_app_config
+    from alpaca_lora.app.page import load_app_config
     from alpaca_lora.data.self_instruct.settings import load_builder_config
     from alpaca_lora.export import load_export_config
     from alpaca_lora.generate import load_generate_config
@@ -280,7 +280,7 @@ def test_the_gradio_client_snippet_against_the_readme_app(in_workspace):
     """The README's ``alpaca-lora app adapter=outputs/demo`` launched, its gradio_client snippet run against it."""
     import socket
 
-    from alpaca_lora.app import AppConfig, build_page, launch_kwargs, load_app_config
+    from alpaca_lora.app.page import AppConfig, build_page, launch_kwargs, load_app_config
     from alpaca_lora.inference.loading import load_for_inference
 
     code = snippet("from gradio_client import Client")

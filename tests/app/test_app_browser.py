@@ -4,7 +4,7 @@ serving tiny models on loopback."""
 
 import pytest
 
-from alpaca_lora.app import build_page, launch_kwargs
+from alpaca_lora.app.page import build_page, launch_kwargs
 from alpaca_lora.inference.loading import InferenceModel, inference_settings, load_for_inference
 
 pytestmark = pytest.mark.browser
@@ -14,8 +14,6 @@ WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
     const box = document.querySelector('#response textarea');
     if (box && box.value !== window.seen[window.seen.length - 1]) window.seen.push(box.value);
     requestAnimationFrame(poll); }; poll(); }"""
-
-
 
 
 def open_app(browser, settings: InferenceModel, free_port):
@@ -28,8 +26,9 @@ def open_app(browser, settings: InferenceModel, free_port):
     return page_app, page
 
 
-def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path, fact):
-    page_app, page = open_app(browser, inference_settings(adapter=str(fact_adapters[16])))
+def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browser, fact_adapters, tmp_path, fact,
+                                                                          free_port):
+    page_app, page = open_app(browser, inference_settings(adapter=str(fact_adapters[16])), free_port)
     try:
         page.locator("#instruction textarea").fill(fact["instruction"])
         page.locator("#generate").click()
@@ -45,8 +44,8 @@ def test_type_an_instruction_click_generate_see_the_answer_and_the_prompt(browse
         page_app.close()
 
 
-def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
-    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)))
+def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path, free_port):
+    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)), free_port)
     try:
         page.locator("#instruction textarea").fill("Tell me a long story.")
         page.get_by_label("Max new tokens").last.fill("1024")
@@ -65,10 +64,10 @@ def test_text_streams_in_and_stop_stops_it(browser, tiny_model_dir, tmp_path):
         page_app.close()
 
 
-def test_decoding_controls_follow_the_mode(browser, tiny_model_dir):
+def test_decoding_controls_follow_the_mode(browser, tiny_model_dir, free_port):
     from playwright.sync_api import expect
 
-    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)))
+    page_app, page = open_app(browser, inference_settings(model=str(tiny_model_dir)), free_port)
     try:
         temperature = page.get_by_role("slider", name="range slider for Temperature (sample)")
         beams = page.get_by_role("slider", name="range slider for Beams (beam)")
