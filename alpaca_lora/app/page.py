@@ -157,13 +157,15 @@ class Handlers:
     def accept(self, visit: dict):
         return self.voting.accept(visit)
 
-    def rate(self, which: str, rating: str, voter: str, visit: dict) -> str:
+    def rate(self, answer: str, rating: str, voter: str, visit: dict) -> str:
+        """``answer``: A or B; ``rating``: up or down; ``voter``: the name the visitor typed, if any."""
         try:
-            return self.voting.rate(visit, which, rating, voter)
+            return self.voting.rate(visit, answer, rating, voter)
         except Refused as exc:
             raise _error(exc) from None
 
     def prefer(self, choice: str, voter: str, visit: dict) -> str:
+        """``choice``: A or B (is better), tie, or bad (both are bad)."""
         try:
             return self.voting.prefer(visit, choice, voter)
         except Refused as exc:
@@ -259,13 +261,13 @@ def _feedback_section() -> dict:
             parts["A-up"] = gr.Button("👍 Good", elem_id="rate-A-up", size="sm")
             parts["A-down"] = gr.Button("👎 Bad", elem_id="rate-A-down", size="sm")
             parts["another"] = gr.Button("Another answer", elem_id="another", size="sm")
-        parts["B"] = gr.Textbox(label="Another answer (B, sampled)", lines=6, elem_id="response-B")
+        parts["answer-B"] = gr.Textbox(label="Another answer (B, sampled)", lines=6, elem_id="response-B")
         with gr.Row():
             parts["B-up"] = gr.Button("👍 Good", elem_id="rate-B-up", size="sm")
             parts["B-down"] = gr.Button("👎 Bad", elem_id="rate-B-down", size="sm")
         with gr.Row():
             for choice, label in COMPARE:
-                parts[choice] = gr.Button(label, elem_id=f"prefer-{choice}", size="sm")
+                parts[f"prefer-{choice}"] = gr.Button(label, elem_id=f"prefer-{choice}", size="sm")
         parts["voter"] = gr.Textbox(label="Your name (optional; stored with your votes)", elem_id="voter")
         parts["status"] = gr.Markdown(elem_id="feedback-status")
         # What the API passes by name (the buttons above pass them fixed): /rate and /prefer.
@@ -280,8 +282,8 @@ def _feedback_section() -> dict:
 def _wire_votes(handlers: Handlers, votes: dict, controls: list, visit, generate_button, max_batch: int) -> None:
     """Each button to its handler; ``/another_answer``, ``/rate`` and ``/prefer`` named for ``gradio_client``."""
     voter, status = votes["voter"], votes["status"]
-    generate_button.click(lambda: ("", ""), None, [votes["B"], status], api_visibility="private")
-    votes["another"].click(handlers.another, [*controls[3:6], controls[7], visit], [votes["B"], visit],
+    generate_button.click(lambda: ("", ""), None, [votes["answer-B"], status], api_visibility="private")
+    votes["another"].click(handlers.another, [*controls[3:6], controls[7], visit], [votes["answer-B"], visit],
                            api_name="another_answer", concurrency_limit=max_batch)
     votes["rate"].click(handlers.rate, [votes["which"], votes["rating"], voter, visit], status, api_name="rate",
                         concurrency_limit=16)
@@ -293,8 +295,8 @@ def _wire_votes(handlers: Handlers, votes: dict, controls: list, visit, generate
                 lambda name, state, which=which, rating=rating: handlers.rate(which, rating, name, state),
                 [voter, visit], status, api_visibility="undocumented", concurrency_limit=16)
     for choice, _ in COMPARE:
-        votes[choice].click(lambda name, state, choice=choice: handlers.prefer(choice, name, state), [voter, visit],
-                            status, api_visibility="undocumented", concurrency_limit=16)
+        votes[f"prefer-{choice}"].click(lambda name, state, choice=choice: handlers.prefer(choice, name, state),
+                                        [voter, visit], status, api_visibility="undocumented", concurrency_limit=16)
 
 
 def load_app_config(argv: list[str]) -> AppConfig:
