@@ -153,12 +153,24 @@ def validators() -> dict:
     def data(args: list[str]):
         return load_builder_config([f"mode={args[0]}", *args[1:]] if args and args[0] in cli.DATA_MODES else args)
 
+    def app(args: list[str]):
+        from alpaca_lora.feedback.store import FeedbackStore
+
+        cfg = load_app_config(args)
+        if cfg.feedback_db:
+            FeedbackStore(cfg.feedback_db)  # the app opens its votes database when it starts; feedback export reads it
+        return cfg
+
     found = {"train": load_config, "plan": load_plan_config, "merge": load_merge_config, "export": load_export_config,
-             "generate": load_generate_config, "app": load_app_config, "serve": load_serve_config, "data": data}
+             "generate": load_generate_config, "app": app, "serve": load_serve_config, "data": data}
     if "evaluate" in cli.COMMANDS:
         from alpaca_lora.evaluate.__main__ import COMMANDS as EVALUATE
 
         found["evaluate"] = lambda args: EVALUATE[args[0]].load(args[1:])
+    if "feedback" in cli.COMMANDS:
+        from alpaca_lora.feedback.__main__ import COMMANDS as FEEDBACK
+
+        found["feedback"] = lambda args: FEEDBACK[args[0]].load(args[1:])
     if "arena" in cli.COMMANDS:
         from alpaca_lora.arena.__main__ import COMMANDS as ARENA
         from alpaca_lora.arena.page import ArenaStore

@@ -166,3 +166,20 @@ def test_terms_must_be_a_readable_file(tmp_path):
     (tmp_path / "empty.md").write_text("  \n")
     with pytest.raises(ConfigError, match="is empty"):
         voting_for(load_app_config(["model=some/model", f"terms={tmp_path / 'empty.md'}"]))
+
+
+def test_the_docs_api_snippet_votes(app, tmp_path):
+    """docs/feedback.md's gradio_client snippet, run as written against an app with feedback and terms."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "feedback.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", docs, re.S) if "api_name=\"/rate\"" in block]
+    db, terms = tmp_path / "feedback.sqlite", tmp_path / "terms.md"
+    terms.write_text("Research use only.\n")
+    url = app(db, terms)
+    exec(compile(code.replace("http://127.0.0.1:7860/", url), "docs/feedback.md", "exec"), {})
+    votes = FeedbackStore(db).votes()
+    assert sorted((v["choice"], v["voter"], bool(v["other"])) for v in votes) == [("a", "ann", True),
+                                                                                 ("up", "ann", False)]
+    assert all(v["terms"] == "terms.md" and v["a_instruction"] == "What is 12 plus 30?" for v in votes)
