@@ -183,3 +183,17 @@ def test_the_docs_api_snippet_votes(app, tmp_path):
     assert sorted((v["choice"], v["voter"], bool(v["other"])) for v in votes) == [("a", "ann", True),
                                                                                  ("up", "ann", False)]
     assert all(v["terms"] == "terms.md" and v["a_instruction"] == "What is 12 plus 30?" for v in votes)
+
+
+def test_the_demo_s_scripted_voter_prefers_the_correct_answer(app, fact, tmp_path):
+    from alpaca_lora.feedback.voter import vote_on
+
+    db = tmp_path / "feedback.sqlite"
+    terms = tmp_path / "terms.md"
+    terms.write_text("Research use only.\n")
+    wrong = {**fact, "output": "Somewhere else."}  # the adapter answers Quibbletown.: wrong for this item
+    outcomes = vote_on(app(db, terms), [fact, wrong], voters=2, max_new_tokens=12, retries=1)
+    assert sum(outcomes.values()) == 2 and outcomes["B"] == 0
+    ratings = {(v["voter"], v["a_output"]): v["choice"] for v in FeedbackStore(db).votes() if not v["other"]}
+    assert ratings[("scripted-voter-0", fact["output"])] == "up"  # voter 0 asked the fact, voter 1 the other item
+    assert ratings[("scripted-voter-1", fact["output"])] == "down"
