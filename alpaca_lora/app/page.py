@@ -202,15 +202,15 @@ def build_page(loaded: LoadedModel, settings: EngineSettings | None = None, voti
         mode = controls[2]
         mode.change(lambda m: [gr.update(interactive=m == "sample")] * 3 + [gr.update(interactive=m == "beam")],
                     mode, controls[3:7])
-        event = generate_button.click(handlers.generate, [*controls, visit], [output, prompt, visit],
-                                      api_name="generate", concurrency_limit=engine.settings.max_batch)
-        stop.click(None, None, None, cancels=[event])
+        events = [generate_button.click(handlers.generate, [*controls, visit], [output, prompt, visit],
+                                        api_name="generate", concurrency_limit=engine.settings.max_batch)]
         if accept is not None:
             accept.click(handlers.accept, visit, visit, api_name="accept_terms").then(
                 lambda: (gr.update(visible=True), gr.update(visible=False)), None, [main, accept],
                 api_visibility="private")
         if votes is not None:
-            _wire_votes(handlers, votes, controls, visit, generate_button, engine.settings.max_batch)
+            events.append(_wire_votes(handlers, votes, controls, visit, generate_button, engine.settings.max_batch))
+        stop.click(None, None, None, cancels=events)
     return page
 
 
@@ -279,12 +279,13 @@ def _feedback_section() -> dict:
     return parts
 
 
-def _wire_votes(handlers: Handlers, votes: dict, controls: list, visit, generate_button, max_batch: int) -> None:
-    """Each button to its handler; ``/another_answer``, ``/rate`` and ``/prefer`` named for ``gradio_client``."""
+def _wire_votes(handlers: Handlers, votes: dict, controls: list, visit, generate_button, max_batch: int):
+    """Each button to its handler; ``/another_answer``, ``/rate`` and ``/prefer`` named for ``gradio_client``.
+    Returns the another-answer event (Stop cancels it too)."""
     voter, status = votes["voter"], votes["status"]
     generate_button.click(lambda: ("", ""), None, [votes["answer-B"], status], api_visibility="private")
-    votes["another"].click(handlers.another, [*controls[3:6], controls[7], visit], [votes["answer-B"], visit],
-                           api_name="another_answer", concurrency_limit=max_batch)
+    another = votes["another"].click(handlers.another, [*controls[3:6], controls[7], visit], [votes["answer-B"], visit],
+                                     api_name="another_answer", concurrency_limit=max_batch)
     votes["rate"].click(handlers.rate, [votes["which"], votes["rating"], voter, visit], status, api_name="rate",
                         concurrency_limit=16)
     votes["prefer"].click(handlers.prefer, [votes["choice"], voter, visit], status, api_name="prefer",
@@ -297,6 +298,7 @@ def _wire_votes(handlers: Handlers, votes: dict, controls: list, visit, generate
     for choice, _ in COMPARE:
         votes[f"prefer-{choice}"].click(lambda name, state, choice=choice: handlers.prefer(choice, name, state),
                                         [voter, visit], status, api_visibility="undocumented", concurrency_limit=16)
+    return another
 
 
 def load_app_config(argv: list[str]) -> AppConfig:

@@ -31,7 +31,7 @@ from alpaca_lora.evaluate.exact_match import is_exact_match
 SFT = Path("outputs/demo")
 WORK = Path("outputs/demo-feedback")
 TUNED = {"dpo": Path("outputs/demo-dpo"), "kto": Path("outputs/demo-kto")}
-VISITORS = 160  # instructions the scripted visitors ask
+VISITORS = 120  # instructions the scripted visitors ask
 TERMS = """# Terms of use of this demo
 
 The model answers for research only. By accepting you agree that your votes and the answers you vote on
@@ -83,6 +83,12 @@ def running_app(db: Path, terms: Path):
             app.wait()
 
 
+def kto_balance() -> list[str]:
+    """The desirable_weight the export's summary recommends for the votes' balance (its lower end: 1:1)."""
+    weights = json.loads((WORK / "summary.json").read_text())["kto"]["desirable_weight"]
+    return [f"preference.desirable_weight={weights[0]}"] if weights else []
+
+
 def accuracy(answers: Path) -> tuple[int, int]:
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     return sum(is_exact_match(r["output"], r["reference"]) for r in records), len(records)
@@ -119,8 +125,8 @@ def main() -> int:
     print(f"\nscripted visitors voted on {len(items)} instructions: " + ", ".join(
         f"{n} {choice}" for choice, n in sorted(outcomes.items())), flush=True)
     command("feedback", "export", f"feedback_db={WORK / 'feedback.sqlite'}", f"adapter={SFT}", f"output_dir={WORK}")
-    for name in TUNED:
-        command("train", f"recipe={name}_demo", "overwrite=true")
+    command("train", "recipe=dpo_demo", "overwrite=true")
+    command("train", "recipe=kto_demo", "overwrite=true", *kto_balance())
     for name, adapter in {"sft": SFT, **TUNED}.items():
         command("evaluate", "answer", f"held_out={SFT}", f"adapter={adapter}", f"generator=demo-{name}",
                 f"output={WORK / 'answers' / f'{name}.jsonl'}", "max_new_tokens=32", "batch_size=16")
