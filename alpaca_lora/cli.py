@@ -20,11 +20,13 @@ COMMANDS = {
               "fine-tune a base model with a recipe (QLoRA, LoRA, full fine-tune with FSDP)"),
     "merge": ("alpaca_lora.merge", "merge a LoRA adapter into its base, verified"),
     "generate": ("alpaca_lora.generate", "answer an instruction, chat in the terminal, or answer a whole file"),
-    "app": ("alpaca_lora.app", "a Gradio page to try a model in the browser"),
+    "app": ("alpaca_lora.app.__main__", "a Gradio page to try a model in the browser (and vote on its answers)"),
     "serve": ("alpaca_lora.serve.__main__", "an OpenAI-compatible API server"),
     "evaluate": ("alpaca_lora.evaluate.__main__",
                  "answer an evaluation set; judge two answer files pairwise (an LLM judge or the references)"),
     "arena": ("alpaca_lora.arena.__main__", "blind pairwise votes by people in the browser; arena report"),
+    "feedback": ("alpaca_lora.feedback.__main__",
+                 "the app's and the arena's votes as preference data for DPO and KTO: feedback export"),
     "export": ("alpaca_lora.export", "a GGUF file for llama.cpp and Ollama, prompted as trained"),
 }
 DATA_MODES = ("generate", "regenerate", "clean")

@@ -17,7 +17,7 @@ FLOORS = [
     ["inference"],
     ["evaluate"],
     ["train", "plan"],
-    ["merge", "generate", "app", "serve", "arena", "export"],
+    ["merge", "generate", "app", "serve", "arena", "feedback", "export"],
     ["cli", "__main__"],
 ]
 

@@ -131,6 +131,7 @@ def test_the_notebook_runs_top_to_bottom_in_smoke_mode(smoke_run):
     assert "skipped: the LLM judge" in text_of(cell(nb, "evaluate"))
     assert text_of(cell(nb, "serve")).count(" -> ") == 2  # two answers through the openai client
     assert "the page answered" in text_of(cell(nb, "app"))
+    assert "skipped in smoke mode: the feedback loop" in text_of(cell(nb, "feedback"))
 
 
 def test_nothing_the_notebook_started_outlives_it(smoke_run):

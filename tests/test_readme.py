@@ -81,6 +81,8 @@ def why_not_run(stage: str, args: list[str]) -> str | None:
     if stage == "evaluate" and sub == "harness" and any(
             not task.endswith((".yaml", ".yml")) and not Path(task).is_dir() for task in keys.get("tasks", "").split(",")):
         return "lm-eval downloads a named task's data from the hub (task YAML files run offline)"
+    if stage == "feedback":
+        return "reads the votes visitors cast in the app and the arena (make demo-feedback casts them)"
     if stage == "arena" and sub == "report":
         return "reads the judgments of a paid judge's run (evaluate judge ... b=text-davinci-003)"
     if stage == "arena":
@@ -260,6 +262,8 @@ def validators() -> dict:
     from alpaca_lora.app import load_app_config
     from alpaca_lora.arena.__main__ import COMMANDS as ARENA
     from alpaca_lora.arena.page import ArenaStore
+    from alpaca_lora.feedback.__main__ import COMMANDS as FEEDBACK
+    from alpaca_lora.feedback.store import FeedbackStore
     from alpaca_lora.data.self_instruct.settings import load_builder_config
     from alpaca_lora.evaluate.__main__ import COMMANDS as EVALUATE
     from alpaca_lora.export import load_export_config
@@ -278,9 +282,16 @@ def validators() -> dict:
         ArenaStore(cfg.db)  # the arena opens its votes database when it starts
         return cfg
 
+    def app(args: list[str]):
+        cfg = load_app_config(args)
+        if cfg.feedback_db:
+            FeedbackStore(cfg.feedback_db)  # the app opens its votes database when it starts; feedback export reads it
+        return cfg
+
     return {"merge": load_merge_config, "export": load_export_config, "generate": load_generate_config,
-            "app": load_app_config, "serve": load_serve_config, "data": data, "arena": arena,
-            "evaluate": lambda args: EVALUATE[args[0]].load(args[1:])}
+            "app": app, "serve": load_serve_config, "data": data, "arena": arena,
+            "evaluate": lambda args: EVALUATE[args[0]].load(args[1:]),
+            "feedback": lambda args: FEEDBACK[args[0]].load(args[1:])}
 
 
 def tiny_model(stage: str, args: list[str], tiny_model_dir: Path) -> list[str]:

@@ -19,15 +19,13 @@ import hashlib
 import json
 import random
 import secrets
-import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from alpaca_lora.common.auth import basic_auth
 from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.logs import get_logger
+from alpaca_lora.common.sqlite import SqliteStore
 from alpaca_lora.evaluate.answers import Answers, Pair
 from alpaca_lora.evaluate.report import tally
 
@@ -76,17 +74,6 @@ def answer_set(pairs: list[Pair], side: str) -> str:
     return hashlib.sha256(json.dumps(answers, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def one_line_errors(path: Path):
-    """SQLite's errors (a corrupt file, a read-only one, a full disk) as one line naming the database."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        hint = {"file is not a database": "not an arena database (or a damaged one)",
-                "attempt to write a readonly database": "read-only: votes cannot be recorded there"}
-        raise DataError(f"{path}: {hint.get(str(exc), str(exc))} (sqlite3: {exc})") from None
-
-
 def winner_of(choice: str, first: str) -> str:
     """The answer ('a', 'b') a button names, given which was shown first; or 'tie', 'bad'."""
     if choice == "1":
@@ -96,43 +83,21 @@ def winner_of(choice: str, first: str) -> str:
     return choice
 
 
-class ArenaStore:
-    """The votes database. A connection per operation, each write one IMMEDIATE transaction."""
+class ArenaStore(SqliteStore):
+    """The votes database (see ``common.sqlite``: WAL, a connection per operation, each write one transaction)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with one_line_errors(self.path), self.connect() as db:
-            db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
-            if "answers_a" not in {row[1] for row in db.execute("PRAGMA table_info(arenas)")}:
-                db.executescript(f"BEGIN IMMEDIATE; {MIGRATION} COMMIT;")
+    SCHEMA = SCHEMA
+    KIND = "an arena database"
 
-    @contextmanager
-    def connect(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a vote is on disk when the page says it is counted
-            db.row_factory = sqlite3.Row
-            yield db
-        finally:
-            db.close()
-
-    @contextmanager
-    def transaction(self):
-        with self.connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def migrate(self, db) -> None:
+        """Arenas made before answer sets were part of an arena's identity."""
+        if "answers_a" not in {row[1] for row in db.execute("PRAGMA table_info(arenas)")}:
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATION} COMMIT;")
 
     def open_arena(self, a: Answers, b: Answers, pairs: list[Pair]) -> Arena:
         """The arena of generators a and b with these very answers (made on first use), these pairs its items."""
         answers = (answer_set(pairs, "a"), answer_set(pairs, "b"))
-        with one_line_errors(self.path), self.transaction() as db:
+        with self.errors(), self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO arenas (a, b, a_file, b_file, created, answers_a, answers_b) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (a.generator, b.generator, a.source, b.source, now(), *answers))
             arena_id = db.execute("SELECT id FROM arenas WHERE a = ? AND b = ? AND answers_a = ? AND answers_b = ?",
@@ -147,17 +112,17 @@ class ArenaStore:
         return Arena(self, arena_id, items)
 
     def votes(self, arena: int | None = None) -> list[dict]:
-        """Every vote (of one arena, or all) with its item and the arena's generators."""
+        """Every vote (of one arena, or all) with its item (both answers) and the arena's generators."""
         query = ("SELECT v.id, v.arena, r.a, r.b, r.answers_a, r.answers_b, v.voter, v.item, i.key, i.id AS item_id, "
-                 "i.category, i.instruction, i.input, v.first, v.choice, v.winner, v.time FROM votes v JOIN arenas r "
-                 "ON r.id = v.arena JOIN items i ON i.arena = v.arena AND i.item = v.item")
-        with one_line_errors(self.path), self.connect() as db:
+                 "i.category, i.instruction, i.input, i.output_a, i.output_b, v.first, v.choice, v.winner, v.time "
+                 "FROM votes v JOIN arenas r ON r.id = v.arena JOIN items i ON i.arena = v.arena AND i.item = v.item")
+        with self.errors(), self.connect() as db:
             rows = db.execute(query + (" WHERE v.arena = ?" if arena is not None else "") + " ORDER BY v.id",
                               (arena,) if arena is not None else ()).fetchall()
         return [dict(row) for row in rows]
 
     def arenas(self) -> list[dict]:
-        with one_line_errors(self.path), self.connect() as db:
+        with self.errors(), self.connect() as db:
             return [dict(row) for row in db.execute("SELECT * FROM arenas ORDER BY id").fetchall()]
 
 

@@ -38,7 +38,10 @@ TRAINER_STATE = "trainer_state.json"
 RUN_KEYS = ("model", "finetune", "quant.bits", "quant.quant_type", "quant.double_quant", "data", "columns",
             "template", "max_length", "truncation", "train_on_inputs", "val_set_size", "seed", "batch_size", "packing")
 LORA_KEYS = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules")
-PATH_KEYS = ("model", "data", "template")
+# Preference tuning: the same method, on the same SFT adapter (it is also the reference), with the same loss.
+PREFERENCE_KEYS = ("method", "adapter", "preference.beta", "preference.loss_type", "preference.desirable_weight",
+                   "preference.undesirable_weight")
+PATH_KEYS = ("model", "data", "template", "adapter")
 # A run's files at the top of output_dir: the first ones mark a run; overwrite=true removes them all.
 RUN_MARKS = (SAVED_CONFIG, *LEGACY_SAVED_CONFIGS, f"{PREFIX_CHECKPOINT_DIR}-*", "adapter_config.json", "metrics.json")
 RUN_OUTPUTS = (*RUN_MARKS, "adapter_model.safetensors", "model*.safetensors", "model.safetensors.index.json",
@@ -118,7 +121,9 @@ def check_same_run(cfg: TrainConfig, checkpoint: Path) -> None:
     """The checkpoint's saved configuration against this run's, key by key (see RUN_KEYS)."""
     saved = saved_config(checkpoint)
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
-    keys = RUN_KEYS + (LORA_KEYS if cfg.finetune == "lora" else ())
+    saved.setdefault("method", "sft")  # written before preference tuning existed
+    preference = cfg.preference_tuning or saved["method"] != "sft"
+    keys = RUN_KEYS + (LORA_KEYS if cfg.finetune == "lora" else ()) + (PREFERENCE_KEYS if preference else ())
     differences = []
     for key in keys:
         before, after = _lookup(saved, key), _lookup(now, key)

@@ -21,6 +21,8 @@ from alpaca_lora.data.loading import MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_HELP
 from alpaca_lora.model_args import (
     ModelArguments,
     model_checks,
+    saved_config,
+    saved_model_layer,
 )
 from alpaca_lora.train import launcher
 
@@ -30,6 +32,7 @@ RECIPES_DIR = next((p for p in (_PACKAGE / "recipes", _PACKAGE.parent / "recipes
 DEFAULT_RECIPE = "qlora"
 TOOL = "train"
 TRUNCATION = ("cut", "cut_eos", "drop")
+METHODS = ("sft", "dpo", "kto")
 
 
 @dataclass
@@ -41,10 +44,25 @@ class LoraSettings:
 
 
 @dataclass
+class PreferenceSettings:
+    beta: float = key(0.1, "method=dpo/kto: how strongly the tuned policy is held to the reference (the SFT adapter)")
+    loss_type: Optional[str] = key(None, "method=dpo/kto: TRL's loss_type (dpo: sigmoid, ipo, hinge, robust, ...; "
+                                         "kto: kto or apo_zero_unpaired); default TRL's (sigmoid, kto)")
+    desirable_weight: float = key(1.0, "method=kto: loss weight of the desirable answers (label true)")
+    undesirable_weight: float = key(1.0, "method=kto: loss weight of the undesirable answers (label false)")
+    trl: Dict[str, Any] = key({}, "extra DPOConfig / KTOConfig fields by their Hugging Face names, e.g. "
+                                  "preference.trl.precompute_ref_log_probs=true")
+
+
+@dataclass
 class TrainConfig(ModelArguments):
     model: str = key(MISSING, "base model: hub id, local directory, .gguf file, or package:MODULE/FILE.gguf")
     recipe: str = key(DEFAULT_RECIPE, "recipe name (alpaca-lora recipes lists them) or a path to a YAML file")
     description: str = key("", "what the recipe is for (shown by alpaca-lora recipes)")
+    method: str = key("sft", "sft (supervised, on instruction data), or preference tuning of an SFT adapter on "
+                             "votes (alpaca-lora feedback export): dpo (pairs) or kto (answers labelled good or bad)")
+    adapter: Optional[str] = key(None, "method=dpo/kto: the SFT adapter to tune; it names the base, bits and template "
+                                       "(its training_config.yaml) and is the reference policy")
     finetune: str = key("lora", "lora (adapters on a frozen base) or full (every parameter, no adapters)")
     data: str = key("tatsu-lab/alpaca", "data: .json/.jsonl file, http(s) URL, hub dataset id, or builtin:NAME")
     columns: Dict[str, str] = key({}, "map our fields to the data's, e.g. columns.output=response")
@@ -99,10 +117,16 @@ class TrainConfig(ModelArguments):
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter settings"})
     sft: Dict[str, Any] = key({}, "extra SFTConfig fields by their Hugging Face names, "
                                   "e.g. sft.logging_first_step=true")
+    preference: PreferenceSettings = field(default_factory=PreferenceSettings,
+                                           metadata={"help": "preference tuning (method=dpo or kto)"})
 
     @property
     def resuming(self) -> bool:
         return (self.resume_from_checkpoint or "").lower() not in {"", "false", "none"}
+
+    @property
+    def preference_tuning(self) -> bool:
+        return self.method in ("dpo", "kto")
 
 
 def recipe_path(name: str, relative_to: Path | None = None) -> Path:
@@ -139,14 +163,41 @@ def recipe_layers(name: str, relative_to: Path | None = None, seen: tuple = ()) 
 
 
 def load_config(overrides: list[str], schema: type = None) -> TrainConfig:
-    """Defaults <- recipe YAML <- ``key=value`` overrides, as a validated :class:`TrainConfig`."""
+    """Defaults <- recipe YAML <- the adapter's saved model section and LoRA shape (``adapter=``, preference
+    tuning) <- ``key=value`` overrides, as a validated :class:`TrainConfig`."""
     schema = schema or TrainConfig
     cli = command_line(overrides, schema)
     recipe = peek(overrides, "recipe") or DEFAULT_RECIPE
-    cfg = build(schema, [*recipe_layers(recipe), cli], TOOL)
+    layers = recipe_layers(recipe)
+    adapter = peek(overrides, "adapter") or next((str(layer.values.get("adapter")) for layer in reversed(layers)
+                                                  if layer.values.get("adapter")), None)
+    cfg = build(schema, [*layers, *adapter_layers(adapter), cli], TOOL)
     cfg.recipe = recipe
     validate(cfg)
     return cfg
+
+
+def adapter_layers(adapter: str | None) -> list[Layer]:
+    """What an adapter being tuned says about the run: the base, bits and template it was trained with (as
+    inference reads them) and its LoRA shape (adapter_config.json: the memory plan counts it)."""
+    import json
+
+    if not adapter:
+        return []
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    saved = saved_model_layer(adapter, adapter=True) if config.is_file() else None
+    if saved is None:
+        missing = "adapter_config.json" if not config.is_file() else "training_config.yaml (its base is unknown)"
+        raise ConfigError(f"key 'adapter': {adapter}: no {missing} there (an adapter directory written by "
+                          "alpaca-lora train)")
+    try:
+        lora = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'adapter': {config}: not readable JSON ({str(exc).splitlines()[0]})") from None
+    targets = lora.get("target_modules")
+    shape = {"r": lora.get("r"), "alpha": lora.get("lora_alpha"), "dropout": lora.get("lora_dropout"),
+             "target_modules": sorted(targets) if isinstance(targets, list) else [targets] if targets else None}
+    return [saved, Layer(str(config), {"lora": {k: v for k, v in shape.items() if v is not None}})]
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -186,6 +237,7 @@ def validate(cfg: TrainConfig) -> None:
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     checks += [(name in known, f"sft.{name}", "is not an SFTConfig field") for name in cfg.sft]
+    checks += method_checks(cfg)
     try:
         get_template(cfg.template)
     except UserError as exc:
@@ -204,6 +256,68 @@ def warmup_problem(warmup: float, steps: int, counted: str) -> str | None:
     return (f"{given} warmup step{'s' if warmup_steps != 1 else ''}, not fewer than the run's {steps} step"
             f"{'s' if steps != 1 else ''}: the learning rate would never leave its warmup ramp (which starts at 0"
             f"{': a 1-step run learns nothing' if steps == 1 else ''}); set warmup=0, a smaller warmup, or more steps")
+
+
+def method_checks(cfg: TrainConfig) -> list:
+    """What preference tuning (``method=dpo|kto``) needs, and what it cannot do."""
+    method = cfg.method
+    if not cfg.preference_tuning:
+        return [(method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
+                (not cfg.adapter, "adapter", "is for method=dpo or kto (preference tuning of an SFT adapter); SFT "
+                                             "trains a new adapter on the base")]
+    config_class = preference_config_class(method)
+    choices = trl_choices(config_class, "loss_type")
+    return [
+        (bool(cfg.adapter), "adapter", f"must be set with method={method}: the SFT adapter to tune (alpaca-lora "
+                                       "train recipe=qlora writes one)"),
+        *same_as_adapter(cfg),
+        (cfg.finetune == "lora", "finetune", f"must be lora with method={method} (the adapter is what is tuned)"),
+        (not cfg.packing, "packing", f"must be false with method={method} (TRL's preference trainers do not pack)"),
+        (not cfg.fsdp, "fsdp", f"is not supported with method={method} yet"),
+        (cfg.exact_match_eval == 0, "exact_match_eval", f"must be 0 with method={method}: preference data has no "
+                                                        "reference answers (evaluate judge compares the adapters)"),
+        (not cfg.train_on_inputs, "train_on_inputs", f"must be false with method={method} (the loss is on answers)"),
+        (method != "kto" or cfg.micro_batch_size >= 2, "micro_batch_size",
+         "must be at least 2 with method=kto: its reference point is estimated from the other answers of a micro "
+         "batch (TRL requires 2 or more)"),
+        (cfg.preference.beta > 0, "preference.beta", "must be positive"),
+        (cfg.preference.desirable_weight > 0 and cfg.preference.undesirable_weight > 0,
+         "preference.desirable_weight", "and undesirable_weight must be positive"),
+        (cfg.preference.loss_type is None or not choices or cfg.preference.loss_type in choices,
+         "preference.loss_type", f"must be one of {', '.join(choices)} with method={method}"),
+        (not cfg.sft, "sft", f"holds SFTConfig fields; with method={method} use preference.trl.NAME"),
+        *[(name in {f.name for f in dataclasses.fields(config_class)}, f"preference.trl.{name}",
+           f"is not a {config_class.__name__} field") for name in cfg.preference.trl],
+    ]
+
+
+def same_as_adapter(cfg: TrainConfig) -> list:
+    """The base and template come from the adapter; another base would not fit it, another template teaches a
+    prompt it never saw."""
+    saved = saved_config(cfg.adapter) if cfg.adapter and Path(cfg.adapter).is_dir() else {}
+    if not saved:
+        return []
+    real = [str(Path(v).expanduser().resolve()) if Path(str(v)).expanduser().exists() else v
+            for v in (cfg.model, saved.get("model"))]
+    return [(real[0] == real[1], "model", f": {cfg.model} is not {saved.get('model')}, the base {cfg.adapter} was "
+                                          "trained on; leave model= out (the adapter names it)"),
+            (cfg.template == saved.get("template"), "template", f": {cfg.template} is not {saved.get('template')}, "
+                                                                f"the template {cfg.adapter} was trained with")]
+
+
+def preference_config_class(method: str):
+    from trl import DPOConfig, KTOConfig
+
+    return {"dpo": DPOConfig, "kto": KTOConfig}[method]
+
+
+def trl_choices(config_class: type, name: str) -> tuple[str, ...]:
+    """The values TRL documents for one of its config's fields (its metadata's choices, or the quoted names in
+    its help), so a typo fails here and not at the first loss computed."""
+    import re
+
+    found = next(f for f in dataclasses.fields(config_class) if f.name == name).metadata
+    return tuple(found.get("choices") or re.findall(r"`'(\w+)'`", found.get("help", "")))
 
 
 def help_text() -> str:

@@ -51,17 +51,22 @@ class Setup:
     fsdp: bool
     packing: bool                     # micro_batch rows of seq_len tokens, each holding several sequences
     loss: str = "full"                # full: fp32 logits for every position; chunked: bf16 logits, fp32 per chunk
+    rows_per_example: int = 1         # DPO: 2 (a pair's chosen and rejected answers run in one batch)
+    reference_adapter: bool = False   # DPO/KTO: a frozen copy of the SFT adapter is the reference policy
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, gpus: int) -> Setup:
+        """A preference run's adapter is the SFT one (its shape in ``cfg.lora``), with TRL's dropout off."""
         optim = cfg.optim.lower()
+        preference = cfg.preference_tuning
         return cls(finetune=cfg.finetune, bits=cfg.quant.bits, double_quant=cfg.quant.double_quant,
                    weight_bytes=4 if cfg.finetune == "full" else 2, lora_r=cfg.lora.r,
-                   lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout, adapter_bytes=4,
+                   lora_targets=tuple(cfg.lora.target_modules), lora_dropout=0.0 if preference else cfg.lora.dropout,
+                   adapter_bytes=4,
                    optimizer="adamw_8bit" if "8bit" in optim else "sgd" if optim.startswith("sgd") else "adamw",
                    micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length,
                    checkpointing=checkpointing(cfg), gpus=gpus, fsdp=bool(cfg.fsdp) and gpus > 1,
-                   packing=cfg.packing)
+                   packing=cfg.packing, rows_per_example=2 if cfg.method == "dpo" else 1, reference_adapter=preference)
 
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -103,6 +108,8 @@ def estimate(a: Architecture, s: Setup) -> Plan:
         grad_bytes = s.adapter_bytes
         rows.append((f"trainable: LoRA r{s.lora_r} on {len(targets)} projections, {trainable / 1e6:.1f}M parameters",
                      trainable * s.adapter_bytes / shard))
+        if s.reference_adapter:  # no gradients, no optimizer states: its weights alone
+            rows.append(("reference: a frozen copy of the SFT adapter", trainable * s.adapter_bytes / shard))
     rows.append(("gradients", trainable * grad_bytes / shard))
     optimizer_bytes = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}[s.optimizer]
     rows.append((f"optimizer states ({s.optimizer}, {optimizer_bytes} bytes per trainable parameter)",
@@ -132,7 +139,7 @@ def _frozen_weights(a: Architecture, s: Setup, shapes: dict, linear: int, dense:
 
 def _activations(a: Architecture, s: Setup, shapes: dict, targets) -> list[tuple[str, float]]:
     """What the forward pass keeps for the backward one, the packed rows' attention masks, the logits."""
-    tokens = s.micro_batch * s.seq_len
+    tokens = s.micro_batch * s.rows_per_example * s.seq_len
     kv = a.kv_heads * (a.hidden // a.heads)
     # bf16 tensors a decoder layer keeps for backward, per token: norm inputs and outputs, q/k/v,
     # attention output (flash/SDPA: no score matrix), gate, up, activation and product in the MLP.
@@ -146,7 +153,11 @@ def _activations(a: Architecture, s: Setup, shapes: dict, targets) -> list[tuple
         activations = tokens * a.layers * per_layer
         label = "activations: every layer kept (no checkpointing)"
     # Padded micro batches reach micro_batch x seq_len tokens only with a full-length example; packed ones always do.
-    rows = [(f"{label}, {s.micro_batch}{' packed rows' if s.packing else ''} x {s.seq_len} tokens", activations)]
+    batch = f"{s.micro_batch}{' packed rows' if s.packing else ''} x {s.seq_len} tokens"
+    if s.rows_per_example > 1:
+        batch = f"{s.micro_batch} pairs = {s.micro_batch * s.rows_per_example} rows (chosen, rejected) x {s.seq_len} " \
+                "tokens"
+    rows = [(f"{label}, {batch}", activations)]
     if s.packing:  # SDPA keeps packed sequences apart with a boolean block-diagonal mask per row; flash-attention: none
         rows.append((f"attention masks of the packed rows (SDPA; none with flash-attention 2): {s.micro_batch} x "
                      f"{s.seq_len}^2 bytes", s.micro_batch * s.seq_len * s.seq_len))

@@ -4,7 +4,8 @@
 A run reads top to bottom: the data (every record validated and tokenized before any model loads),
 the run's plan (saved beside the outputs, checked against the GPU's memory), the model, the trainer,
 training, and the outputs (checked, measured, plotted). TRL's SFTTrainer, peft and bitsandbytes do
-the work.
+the work. Preference tuning (``recipe=dpo``, ``recipe=kto``) runs the same stages with TRL's DPOTrainer or
+KTOTrainer on an SFT adapter (``train.preference``): its preference data, its adapter on its base.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from alpaca_lora.train.runtime import (
     lora_kwargs,
     resolve_runtime,
     resolved_yaml,
-    sft_kwargs,
+    trainer_kwargs,
 )
 
 logger = get_logger(__name__)
@@ -52,6 +53,7 @@ class PreparedData:
     checkpoint: str | None
     multi_turn: bool = False  # earlier turns shown as turns (conversations), saved in training_config.yaml
     batches: BatchPlan | None = None  # set once the run's accumulation and world size are known
+    lengths: list[int] | None = None  # tokens per example (a preference pair: its prompt and longest answer)
 
     @property
     def has_eval(self) -> bool:
@@ -73,12 +75,13 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     """The whole run; ``callbacks`` are transformers ``TrainerCallback``s (progress hooks, tests)."""
     from alpaca_lora.train.checkpoints import SealCheckpoints
 
-    data = setup_data(cfg)
+    data = setup_preference_data(cfg) if cfg.preference_tuning else setup_data(cfg)
     cfg = replace(cfg, multi_turn=data.multi_turn)  # decided by the data: saved for serving, merge and export
     cfg, memory_plan = settle_checkpointing(cfg, runtime, data.model_path)
     args = setup_run(cfg, runtime, data, memory_plan)
     model = setup_model(cfg, runtime, data.model_path)
-    trainer = setup_trainer(cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
+    trainer = (setup_preference_trainer if cfg.preference_tuning else setup_trainer)(
+        cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
     scored = data.val_records[: cfg.exact_match_eval]
     before = _exact_match(trainer.model, data, scored, "before training")
     result = trainer.train(resume_from_checkpoint=data.checkpoint)
@@ -141,11 +144,39 @@ def decide_multi_turn(cfg: TrainConfig, data: LoadedData) -> bool:
     return data.conversations if cfg.multi_turn is None else bool(cfg.multi_turn)
 
 
+def setup_preference_data(cfg: TrainConfig) -> PreparedData:
+    """Preference records loaded, checked, split and tokenized as SFT tokenizes (``train.preference``), with the
+    adapter's tokenizer and template, before any model loads."""
+    from alpaca_lora.model import load_tokenizer, resolve_model
+    from alpaca_lora.train.checkpoints import check_output_dir, find_checkpoint
+    from alpaca_lora.train.preference import load_preferences, tokenize_preferences
+
+    template = get_template(cfg.template)
+    records = load_preferences(cfg.data, cfg.method, template)
+    train_records, val_records = split_records(records, cfg.val_set_size, cfg.seed)
+    check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg)
+    model_path = resolve_model(cfg.model)
+    tokenizer = set_chat_template(load_tokenizer(cfg.adapter, cfg.trust_remote_code), template)
+    train_set, summary, lengths = tokenize_preferences(train_records, cfg.method, tokenizer, cfg.max_length,
+                                                       cfg.truncation)
+    val_set, _, _ = tokenize_preferences(val_records, cfg.method, tokenizer, cfg.max_length, cfg.truncation)
+    logger.info(f"data: {cfg.data}: " + "; ".join(summary.lines()))
+    if len(train_set) == 0:
+        raise DataError(f"{cfg.data}: nothing to train on: every record is over max_length={cfg.max_length} tokens "
+                        f"(truncation={cfg.truncation}); raise max_length")
+    if cfg.method == "kto":  # KTO reads its rows in order: shuffled once here, the same way on a resume
+        train_set = train_set.shuffle(seed=cfg.seed).flatten_indices()
+    logger.info(f"split: {len(train_set)} train, {len(val_set)} validation {cfg.method} rows")
+    return PreparedData(template, tokenizer, model_path, train_set, val_set, [], summary, checkpoint,
+                        lengths=lengths)
+
+
 def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData, memory_plan=None):
-    """The run's plan saved beside its outputs, the SFTConfig built, and the GPU's memory checked,
-    all before the weights load."""
+    """The run's plan saved beside its outputs, TRL's config (SFTConfig, DPOConfig, KTOConfig) built, and the
+    GPU's memory checked, all before the weights load."""
     import torch
-    from trl import SFTConfig
+    import trl
 
     from alpaca_lora.train.checkpoints import claim_output_dir
 
@@ -155,17 +186,18 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, data: PreparedData, memory_pla
         every_rank.info(f"rank {launcher.rank()} of {runtime.world_size}: global batch {cfg.batch_size} = micro "
                         f"batch {cfg.micro_batch_size} x accumulation {runtime.gradient_accumulation_steps(cfg)} x "
                         f"{runtime.world_size} ranks")
-    data.batches = batch_plan([len(ids) for ids in data.train_set["input_ids"]], cfg.max_length,
-                              cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg), runtime.world_size,
-                              cfg.packing)
+    lengths = data.lengths or [len(ids) for ids in data.train_set["input_ids"]]
+    data.batches = batch_plan(lengths, cfg.max_length, cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg),
+                              runtime.world_size, cfg.packing)
     logger.info("; ".join(data.batches.lines()))
     if cfg.max_steps < 1:  # an epoch run's length is known now (max_steps was checked with the settings)
         steps = math.ceil(cfg.num_epochs * data.batches.steps_per_epoch)
         short_run = warmup_problem(cfg.warmup, steps, f"the run's {steps} steps ({cfg.num_epochs:g} epochs)")
         if short_run:
             raise ConfigError(f"key 'warmup': {short_run}")
-    try:  # SFTConfig checks its own fields
-        args = SFTConfig(**sft_kwargs(cfg, runtime, data.has_eval))
+    config_class, kwargs = trainer_kwargs(cfg, runtime, data.has_eval)
+    try:  # TRL's config checks its own fields
+        args = getattr(trl, config_class)(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"invalid training settings: {str(exc).splitlines()[0]}") from None
     claim_output_dir(cfg, resolved_yaml(cfg, runtime, data.has_eval))  # after SFTConfig: the ranks can meet
@@ -195,6 +227,10 @@ def setup_model(cfg: TrainConfig, runtime: Runtime, model_path: str):
     if quantized and not runtime.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     logger.info(f"attention: {select_attention(model, runtime.device, cfg.packing)}")
+    if cfg.preference_tuning:
+        from alpaca_lora.train.preference import attach_adapter
+
+        model = attach_adapter(model, cfg.adapter)
     return model
 
 
@@ -221,6 +257,27 @@ def setup_trainer(cfg: TrainConfig, runtime: Runtime, data: PreparedData, model,
     )
     if runtime.compute_dtype == "float32" and not full:
         train_adapters_in_float32(trainer.model)
+    return trainer
+
+
+def setup_preference_trainer(cfg: TrainConfig, runtime: Runtime, data: PreparedData, model, args,
+                             callbacks: list | None):
+    """TRL's DPOTrainer or KTOTrainer on the SFT adapter, its frozen copy the reference, both starting equal."""
+    import torch
+
+    from alpaca_lora.train.preference import TRAINERS, start_from_reference
+
+    torch.manual_seed(cfg.seed)
+    trainer = TRAINERS[cfg.method](
+        model=model,
+        ref_model=None,  # the reference is the SFT adapter, copied by TRL into a frozen "ref" adapter
+        args=args,
+        train_dataset=data.train_set,
+        eval_dataset=data.val_set if data.has_eval else None,
+        processing_class=data.tokenizer,
+        callbacks=list(callbacks or []) + load_callbacks(cfg.callbacks),
+    )
+    start_from_reference(trainer.model, runtime.compute_dtype)
     return trainer
 
 
@@ -303,16 +360,27 @@ def dry_run_batches(cfg: TrainConfig, runtime: Runtime) -> list[str]:
     if not (cfg.data.startswith("builtin:") or Path(cfg.data).expanduser().is_file()):
         return [f"batches: computed when training starts ({cfg.data} is not a local file)"]
     try:
-        data = load_records(cfg.data, cfg.columns, conversations=True)
-        train_records, _ = split_records(data.records, cfg.val_set_size, cfg.seed)
-        template = get_template(cfg.template)
-        tokenizer = set_chat_template(load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code), template)
-        train_set, _ = tokenize_records(train_records, template, tokenizer, cfg.max_length, cfg.truncation,
-                                        decide_multi_turn(cfg, data))
+        lengths = _example_lengths(cfg, load_tokenizer(cfg.adapter or resolve_model(cfg.model), cfg.trust_remote_code))
     except UserError as exc:
         return [f"batches: computed when training starts ({str(exc).splitlines()[0]})"]
-    return batch_plan([len(ids) for ids in train_set["input_ids"]], cfg.max_length, cfg.micro_batch_size,
-                      runtime.gradient_accumulation_steps(cfg), runtime.world_size, cfg.packing).lines()
+    return batch_plan(lengths, cfg.max_length, cfg.micro_batch_size, runtime.gradient_accumulation_steps(cfg),
+                      runtime.world_size, cfg.packing).lines()
+
+
+def _example_lengths(cfg: TrainConfig, tokenizer) -> list[int]:
+    """Tokens per training example (a preference pair: its prompt and longest answer), as training counts them."""
+    template = get_template(cfg.template)
+    if cfg.preference_tuning:
+        from alpaca_lora.train.preference import load_preferences, tokenize_preferences
+
+        train_records, _ = split_records(load_preferences(cfg.data, cfg.method, template), cfg.val_set_size,
+                                         cfg.seed)
+        return tokenize_preferences(train_records, cfg.method, tokenizer, cfg.max_length, cfg.truncation)[2]
+    data = load_records(cfg.data, cfg.columns, conversations=True)
+    train_records, _ = split_records(data.records, cfg.val_set_size, cfg.seed)
+    train_set, _ = tokenize_records(train_records, template, set_chat_template(tokenizer, template), cfg.max_length,
+                                    cfg.truncation, decide_multi_turn(cfg, data))
+    return [len(ids) for ids in train_set["input_ids"]]
 
 
 def load_callbacks(paths: list[str]) -> list:

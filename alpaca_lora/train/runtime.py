@@ -102,6 +102,31 @@ def sft_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, 
     return kwargs
 
 
+def preference_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict[str, Any]:
+    """The DPOConfig / KTOConfig of a preference run: SFT's training arguments less what only SFT has (packing,
+    prompt masking: the preference loss is on answers alone), with beta, the loss and KTO's weights. DPO samples
+    pairs at random (TRL cannot group pairs by length); KTO reads its rows in order, as its KL estimate within a
+    micro batch requires (the data is shuffled once, with the seed, before)."""
+    kwargs = sft_kwargs(cfg, runtime, has_eval)
+    for name in ("completion_only_loss", "packing", *cfg.sft):
+        kwargs.pop(name, None)
+    settings = cfg.preference
+    kwargs.update(beta=settings.beta, train_sampling_strategy="random" if cfg.method == "dpo" else "sequential")
+    if settings.loss_type:
+        kwargs["loss_type"] = [settings.loss_type] if cfg.method == "dpo" else settings.loss_type
+    if cfg.method == "kto":
+        kwargs.update(desirable_weight=settings.desirable_weight, undesirable_weight=settings.undesirable_weight)
+    kwargs.update(settings.trl)
+    return kwargs
+
+
+def trainer_kwargs(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> tuple[str, dict[str, Any]]:
+    """The name of this run's TRL config (SFTConfig, DPOConfig, KTOConfig) and its arguments."""
+    if cfg.preference_tuning:
+        return f"{cfg.method.upper()}Config", preference_kwargs(cfg, runtime, has_eval)
+    return "SFTConfig", sft_kwargs(cfg, runtime, has_eval)
+
+
 def base_quantization(cfg: TrainConfig, runtime: Runtime):
     """The base's BitsAndBytesConfig for this run (None for a 16-bit base)."""
     return quantization_config(cfg, runtime.device, sharded=bool(runtime.fsdp))
@@ -120,17 +145,21 @@ def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def resolved_plan(cfg: TrainConfig, runtime: Runtime, has_eval: bool) -> dict:
-    """The whole plan: our keys, and what they become in SFTConfig, bitsandbytes and peft."""
+    """The whole plan: our keys, and what they become in TRL's config (``sft_config``; ``dpo_config`` or
+    ``kto_config`` for preference tuning), bitsandbytes and peft (a preference run's adapter is the SFT one)."""
+    _, trainer = trainer_kwargs(cfg, runtime, has_eval)
     plan = {
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "runtime": {"device": runtime.device, "world_size": runtime.world_size,
                     "micro_batch_size": cfg.micro_batch_size,
                     "gradient_accumulation_steps": runtime.gradient_accumulation_steps(cfg),
                     "global_batch_size": cfg.batch_size, "adaptations": runtime.notes},
-        "sft_config": sft_kwargs(cfg, runtime, has_eval),
+        f"{cfg.method}_config": trainer,
         "quantization": describe_quantization(base_quantization(cfg, runtime)),
         "lora": lora_kwargs(cfg) if cfg.finetune == "lora" else None,
     }
+    if cfg.preference_tuning:
+        plan["lora"] = {"adapter": cfg.adapter, **plan["lora"]}
     if runtime.fsdp:  # auto_wrap wraps the model's own decoder layer class (its _no_split_modules)
         from alpaca_lora.train.architectures import find_architecture
 

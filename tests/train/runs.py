@@ -35,3 +35,16 @@ class StepCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps.append(state.global_step)
+
+
+def saved_adapter(directory, model: str = "huggyllama/llama-7b", template: str = "alpaca", r: int = 64):
+    """A directory shaped like an SFT adapter (its training_config.yaml and adapter_config.json, no weights): what a
+    preference run's configuration reads from the adapter it tunes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "training_config.yaml").write_text(
+        f"config:\n  model: {model}\n  template: {template}\n  quant:\n    bits: 4\n    quant_type: nf4\n"
+        "    double_quant: true\n    compute_dtype: bfloat16\n")
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "r": r, "lora_alpha": 16, "lora_dropout": 0.05, "peft_type": "LORA",
+        "target_modules": ["v_proj", "q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
+    return directory

@@ -19,9 +19,10 @@ import yaml
 from alpaca_lora.common.errors import ConfigError, UserError
 from alpaca_lora.model_args import QuantArguments
 from alpaca_lora.train import run as train_module
-from alpaca_lora.train.config import RECIPES_DIR, LoraSettings, TrainConfig, load_config
+from alpaca_lora.train.config import RECIPES_DIR, LoraSettings, PreferenceSettings, TrainConfig, load_config
 from alpaca_lora.train.run import main
 from alpaca_lora.train.runtime import resolve_runtime, sft_kwargs
+from tests.train.runs import saved_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["qlora", "lora_8bit", "lora", "demo"]
@@ -49,7 +50,8 @@ def dry_run(capsys, *args: str) -> dict:
     assert "error:" not in err
     plan = yaml.safe_load(out)
     assert isinstance(plan, dict), out
-    assert set(plan) == SECTIONS
+    method = plan["config"]["method"]  # preference tuning shows DPOConfig or KTOConfig in place of SFTConfig
+    assert set(plan) == SECTIONS - {"sft_config"} | {f"{method}_config"}
     return plan
 
 
@@ -300,11 +302,12 @@ def test_help_lists_keys_and_recipes(capsys):
                 "lora.r", "quant.bits"]:
         assert key in keys, key
     # every key the config accepts is documented, nested ones with their dotted names
-    expected = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "quant")}
+    expected = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "quant", "preference")}
     expected |= {f"lora.{f.name}" for f in dataclasses.fields(LoraSettings)}
     expected |= {f"quant.{f.name}" for f in dataclasses.fields(QuantArguments)}
+    expected |= {f"preference.{f.name}" for f in dataclasses.fields(PreferenceSettings)}
     assert expected <= keys
-    assert "lora" not in keys and "quant" not in keys
+    assert "lora" not in keys and "quant" not in keys and "preference" not in keys
     for recipe in RECIPES:
         assert re.search(rf"\b{recipe}\b", out), recipe
     model_line = next(line for line in out.splitlines() if line.startswith("  model "))
@@ -459,15 +462,19 @@ def recipe_values(name: str) -> dict:
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-def test_every_recipe_dry_run_reports_itself(recipe, capsys):
-    plan = dry_run(capsys, f"recipe={recipe}", "device=cpu")
+def test_every_recipe_dry_run_reports_itself(recipe, capsys, tmp_path):
+    recipe_yaml = recipe_values(recipe)
+    method = recipe_yaml.get("method", "sft")
+    if method != "sft":  # preference tuning: the model and the LoRA shape are the adapter's being tuned
+        adapter = saved_adapter(tmp_path / "sft", model="some/base", r=12)
+        recipe_yaml.update(model="some/base", lora={"r": 12})
+    plan = dry_run(capsys, f"recipe={recipe}", "device=cpu", *([f"adapter={adapter}"] if method != "sft" else []))
     assert plan["config"]["recipe"] == recipe
     assert plan["config"]["dry_run"] is True
-    recipe_yaml = recipe_values(recipe)
     defaults = TrainConfig(model="?")
     for key in ("model", "data", "output_dir", "max_length", "batch_size", "micro_batch_size"):
         assert plan["config"][key] == recipe_yaml.get(key, getattr(defaults, key)), key  # the recipe, else the default
-    assert plan["sft_config"]["output_dir"] == recipe_yaml.get("output_dir", defaults.output_dir)
+    assert plan[f"{method}_config"]["output_dir"] == recipe_yaml.get("output_dir", defaults.output_dir)
     if recipe_yaml.get("finetune") == "full":
         assert plan["lora"] is None
     else:

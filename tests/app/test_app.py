@@ -2,7 +2,7 @@
 
 import asyncio
 
-from alpaca_lora.app import respond
+from alpaca_lora.app.page import respond
 from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 

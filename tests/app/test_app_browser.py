@@ -4,7 +4,7 @@ serving tiny models on loopback."""
 
 import pytest
 
-from alpaca_lora.app import build_page, launch_kwargs
+from alpaca_lora.app.page import build_page, launch_kwargs
 from alpaca_lora.inference.loading import InferenceModel, inference_settings, load_for_inference
 
 pytestmark = pytest.mark.browser
@@ -14,8 +14,6 @@ WATCH_RESPONSE = """() => { window.seen = []; const poll = () => {
     const box = document.querySelector('#response textarea');
     if (box && box.value !== window.seen[window.seen.length - 1]) window.seen.push(box.value);
     requestAnimationFrame(poll); }; poll(); }"""
-
-
 
 
 def open_app(browser, settings: InferenceModel, free_port):
@@ -81,5 +79,42 @@ def test_decoding_controls_follow_the_mode(browser, tiny_model_dir, free_port):
         page.get_by_role("radio", name="beam").check()
         expect(temperature).to_be_disabled()
         expect(beams).to_be_enabled()
+    finally:
+        page_app.close()
+
+
+def test_the_page_is_behind_its_terms_until_accepted_then_votes_count(browser, fact_adapters, fact, tmp_path,
+                                                                       free_port):
+    from playwright.sync_api import expect
+
+    from alpaca_lora.app.voting import Terms, Voting
+    from alpaca_lora.feedback.store import FeedbackStore
+
+    terms = tmp_path / "terms.md"
+    terms.write_text("# Research use only\nAnswers are for research; your votes are kept.\n")
+    db = tmp_path / "feedback.sqlite"
+    page_app = build_page(load_for_inference(inference_settings(adapter=str(fact_adapters[16]))),
+                          voting=Voting(FeedbackStore(db), Terms.read(terms)))
+    port = free_port()
+    page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.get_by_text("Research use only")).to_be_visible()
+        expect(page.locator("#generate")).to_be_hidden()  # nothing to use before the terms are accepted
+        page.locator("#accept-terms").click()
+        expect(page.locator("#generate")).to_be_visible()
+        expect(page.locator("#accept-terms")).to_be_hidden()
+        page.locator("#instruction textarea").fill(fact["instruction"])
+        page.get_by_label("Max new tokens").last.fill("12")
+        page.locator("#generate").click()
+        expect(page.locator("#response textarea")).to_have_value(fact["output"], timeout=60_000)
+        page.locator("#voter textarea").fill("ann")
+        page.locator("#rate-A-up").click()
+        expect(page.locator("#feedback-status")).to_contain_text("rated", timeout=30_000)
+        (vote,) = FeedbackStore(db).votes()
+        assert (vote["choice"], vote["voter"], vote["a_output"], vote["terms"]) == ("up", "ann", fact["output"],
+                                                                                   "terms.md")
     finally:
         page_app.close()

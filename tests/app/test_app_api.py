@@ -5,7 +5,7 @@ state may be unpicklable), and the upload route of a page that takes no files is
 import httpx
 import pytest
 
-from alpaca_lora.app import build_page, launch_kwargs
+from alpaca_lora.app.page import build_page, launch_kwargs
 from alpaca_lora.inference.loading import inference_settings, load_for_inference
 
 
