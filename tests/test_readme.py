@@ -505,9 +505,9 @@ def test_the_demos_commands_run_in_order_never_refuse_each_others_outputs():
     assert clashes == []
 
 
-def snippet(marker: str) -> tuple[str, int, str]:
-    found = [block for block in code_blocks(("python",)) if marker in block[2]]
-    assert len(found) == 1, f"one Python snippet with {marker!r} in the documents"
+def snippet(*markers: str) -> tuple[str, int, str]:
+    found = [block for block in code_blocks(("python",)) if all(marker in block[2] for marker in markers)]
+    assert len(found) == 1, f"one Python snippet with {markers} in the documents"
     return found[0]
 
 
@@ -539,7 +539,7 @@ def test_the_gradio_client_snippet_against_the_readme_app(fresh_workspace):
     """The README's ``alpaca-lora app adapter=outputs/demo`` launched, its gradio_client snippet run against it."""
     from alpaca_lora.app import AppConfig, load_app_config
 
-    document, _, code = snippet("from gradio_client import Client")
+    document, _, code = snippet("from gradio_client import Client", "What is the capital of France?")
     default = f"http://127.0.0.1:{AppConfig.port}/"
     assert default in code, "the snippet talks to the app's default address"
     app = next(c for c in COMMANDS if c.argv[:3] == ["alpaca-lora", "app", "adapter=outputs/demo"])

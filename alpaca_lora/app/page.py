@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import os
 import secrets
-from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from contextlib import aclosing, nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 
+from alpaca_lora.app.chat import Chat, chat_section, offers_chat
+from alpaca_lora.app.decoding import decoding_record, page_decoding, shown, stream
 from alpaca_lora.app.voting import Refused, Terms, Voting, model_identity
-from alpaca_lora.common.errors import ConfigError
+from alpaca_lora.common.auth import basic_auth
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.settings import check, key
 from alpaca_lora.feedback.store import FeedbackStore
-from alpaca_lora.inference.engine import EngineSettings, QueueFull
-from alpaca_lora.inference.generation import Decoding, Generation
+from alpaca_lora.inference.engine import EngineError, EngineSettings, QueueFull
+from alpaca_lora.inference.generation import Decoding
 from alpaca_lora.inference.loading import InferenceModel, LoadedModel, load_for_inference, load_inference_settings
 
 TOOL = "app"
@@ -54,34 +56,6 @@ class AppConfig(EngineSettings, InferenceModel):
                                            "the answers voted on; off unless set")
     terms: Optional[str] = key(None, "a text file (e.g. a research-only licence) a visitor must accept before "
                                      "using the page; the acceptance is stored with the votes")
-
-
-def page_decoding(mode: str, temperature: float, top_p: float, top_k: int, num_beams: int,
-                  max_new_tokens: int) -> Decoding:
-    """The page's controls as decoding settings: only the chosen mode's reach the model."""
-    settings = {"sample": {"temperature": temperature, "top_p": top_p, "top_k": int(top_k) or None},
-                "beam": {"num_beams": int(num_beams)}}.get(mode, {})
-    decoding = Decoding(decoding=mode, max_new_tokens=int(max_new_tokens), **settings)
-    decoding.validate()
-    return decoding
-
-
-def decoding_record(decoding: Decoding) -> dict:
-    """The settings that reached the model, as the feedback database keeps them."""
-    return {name: value for name, value in asdict(decoding).items() if value is not None}
-
-
-async def stream(loaded: LoadedModel, prompt: str, decoding: Decoding):
-    """Yields (response so far, finish reason: None until it ends). Stop (or a visitor who leaves) cancels
-    the task, and with it the generation, at once."""
-    text = ""
-    yield text, None
-    generation = Generation(loaded, prompt, decoding)
-    async with aclosing(generation.__aiter__()) as pieces:
-        async for piece in pieces:
-            text += piece
-            yield text, None
-    yield text, generation.finish_reason
 
 
 async def respond(loaded: LoadedModel, instruction: str, input_text: str, mode: str, temperature: float,
@@ -137,7 +111,7 @@ class Handlers:
         self._check(visit)
         first = (visit or {}).get("A")
         if not first:
-            raise _error(Refused("There is no answer yet: generate one first."))
+            raise shown(Refused("There is no answer yet: generate one first."))
         decoding = page_decoding("sample", temperature, top_p, top_k, 4, max_new_tokens)
         async for text, visit_now in self._stream("B", visit, first["instruction"], first["input"], first["prompt"],
                                                   decoding):
@@ -151,8 +125,8 @@ class Handlers:
                 async for text, finish in texts:
                     yield text, self.voting.answer(visit, which, instruction, input_text, prompt, text,
                                                    self.loaded.template.name, record, finish, answer_id)
-        except QueueFull as exc:
-            raise _error(exc) from None
+        except (QueueFull, EngineError) as exc:  # a prompt the context cannot hold fails alone, in one line
+            raise shown(exc) from None
 
     def accept(self, visit: dict):
         return self.voting.accept(visit)
@@ -162,26 +136,20 @@ class Handlers:
         try:
             return self.voting.rate(visit, answer, rating, voter)
         except Refused as exc:
-            raise _error(exc) from None
+            raise shown(exc) from None
 
     def prefer(self, choice: str, voter: str, visit: dict) -> str:
         """``choice``: A or B (is better), tie, or bad (both are bad)."""
         try:
             return self.voting.prefer(visit, choice, voter)
         except Refused as exc:
-            raise _error(exc) from None
+            raise shown(exc) from None
 
     def _check(self, visit: dict) -> None:
         try:
             self.voting.check(visit)
         except Refused as exc:
-            raise _error(exc) from None
-
-
-def _error(exc: Exception):
-    import gradio as gr
-
-    return gr.Error(str(exc))
+            raise shown(exc) from None
 
 
 def build_page(loaded: LoadedModel, settings: EngineSettings | None = None, voting: Voting | None = None):
@@ -189,16 +157,21 @@ def build_page(loaded: LoadedModel, settings: EngineSettings | None = None, voti
     import gradio as gr
 
     voting = voting or Voting()
-    engine = loaded.engine(settings)
+    engine = loaded.engine(settings or EngineSettings())  # started here unless the caller started it
     handlers = Handlers(loaded, voting)
     with gr.Blocks(title="alpaca-lora") as page:
         visit = gr.State(voting.new_visit())
         gr.Markdown(f"## alpaca-lora\n{loaded.description}")
         accept = _terms_section(voting.terms)
         with gr.Column(visible=voting.terms is None) as main:
-            controls, generate_button, stop, output, prompt, right = _generation_section()
-            with right:
-                votes = _feedback_section() if voting.store is not None else None
+            chatting = None
+            if offers_chat(loaded):  # a model that knows turns: the conversation first, the instruction view beside it
+                with gr.Tab("Chat"):
+                    chatting = chat_section(Chat(loaded, voting), visit, engine.settings.max_batch)
+            with gr.Tab("Instruction") if chatting is not None else nullcontext():
+                controls, generate_button, stop, output, prompt, right = _generation_section()
+                with right:
+                    votes = _feedback_section() if voting.store is not None else None
         mode = controls[2]
         mode.change(lambda m: [gr.update(interactive=m == "sample")] * 3 + [gr.update(interactive=m == "beam")],
                     mode, controls[3:7])
@@ -322,12 +295,7 @@ def voting_for(cfg: AppConfig) -> Voting:
 
 
 def run(cfg: AppConfig) -> int:
-    auth = None
-    if cfg.auth_env:
-        user, _, password = os.environ.get(cfg.auth_env, "").partition(":")
-        if not user or not password:
-            raise ConfigError(f"key 'auth_env': {cfg.auth_env} must hold user:password")
-        auth = (user, password)
+    auth = basic_auth(cfg.auth_env)  # before the model loads: a missing variable is one line at once
     voting = voting_for(cfg)
     page = build_page(load_for_inference(cfg), cfg, voting)
     page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=auth, **launch_kwargs())

@@ -19,6 +19,7 @@ def run(loaded, mode, temperature, seed=0):
 
 def test_controls_take_effect_only_in_their_mode(tiny_model_dir):
     loaded = load_for_inference(inference_settings(model=str(tiny_model_dir)))
+    loaded.start_engine()  # as build_page starts it
     greedy, prompt = run(loaded, "greedy", 0.1)
     assert run(loaded, "greedy", 1.9) == (greedy, prompt)  # the slider is ignored, not half-applied
     assert prompt == loaded.prompt("Tell me a story.")

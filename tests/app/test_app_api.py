@@ -32,3 +32,19 @@ def test_gradio_client_drives_the_generate_endpoint(app_url, fact):
 def test_the_upload_route_is_closed(app_url):
     reply = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("a.txt", b"x" * 1_000_000)})
     assert reply.status_code == 403
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_a_prompt_longer_than_the_context_fails_alone_and_at_once(app_url, fact, mode):
+    """Issue 22 item 2: one visitor's 50,000-word input is refused with one line naming the context; the next
+    visitor's question is answered (it stalled every visitor for minutes)."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    long_one = Client(app_url, verbose=False).submit("a " * 50000, "", mode, 0.7, 0.9, 40, 4, 20,
+                                                     api_name="/generate")
+    other = Client(app_url, verbose=False)
+    response, _ = other.predict(fact["instruction"], "", mode, 0.7, 0.9, 40, 4, 20, api_name="/generate")
+    assert response == fact["output"]
+    with pytest.raises(AppError, match="context"):
+        long_one.result(timeout=60)
