@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from alpaca_lora.data.self_instruct.__main__ import main as build
 from alpaca_lora.endpoint.client import PRICES
-from alpaca_lora.endpoint.scripted import Reply, ScriptedOpenAI, numbered_reply
+from alpaca_lora.endpoint.scripted import Canned, ScriptedOpenAI, numbered_reply
 from alpaca_lora.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +39,12 @@ def replay(rows: list[dict]):
     position = iter(range(0, len(rows), TASKS_PER_REPLY))
     lock = threading.Lock()
 
-    def reply(body: dict) -> Reply:
+    def reply(body: dict) -> Canned:
         with lock:
             start = next(position, None)
         if start is None:
-            return Reply("")
-        return Reply(numbered_reply(rows[start:start + TASKS_PER_REPLY], 4))
+            return Canned("")
+        return Canned(numbered_reply(rows[start:start + TASKS_PER_REPLY], 4))
 
     return reply
 

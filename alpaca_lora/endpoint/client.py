@@ -2,7 +2,7 @@
 
 The client retries 429 (honouring ``Retry-After``), 5xx, timeouts and dropped connections with
 exponential backoff and jitter; we count its retries, sum token usage and price it, and turn every
-failure into a counted, skippable :class:`Reply` (a request rejected for its content, such as one
+failure into a counted, skippable :class:`Outcome` (a request rejected for its content, such as one
 record over the context length, included) -- except a bad key, a missing permission or an unknown
 model, which no request can get past and which stop the run at once.
 """
@@ -32,7 +32,9 @@ class EndpointError(UserError):
 
 
 @dataclass
-class Reply:
+class Outcome:
+    """What one request came to: the text and its usage, or the problem that made it count as failed."""
+
     text: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -84,7 +86,7 @@ class Endpoint:
             return None
         return (prompt_tokens * self.price[0] + completion_tokens * self.price[1]) / 1e6
 
-    def complete(self, prompt: str | list[dict]) -> Reply:
+    def complete(self, prompt: str | list[dict]) -> Outcome:
         """One request, with the client's retries; never raises except :class:`EndpointError`.
 
         ``prompt`` is the user's message, or (chat API) the whole list of messages, a system prompt among them.
@@ -98,12 +100,12 @@ class Endpoint:
                 raw = self.client.completions.with_raw_response.create(
                     model=self.model, prompt=prompt, **self.sampling)
         except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
-            return Reply(retries=self.client.max_retries, problem="failed_request", error=_message(exc))
+            return Outcome(retries=self.client.max_retries, problem="failed_request", error=_message(exc))
         except openai.APIStatusError as exc:
             if exc.status_code in (401, 403, 404):  # the key, the permission or the model: no request can succeed
                 raise EndpointError(f"{self.client.base_url}: {_message(exc)}") from None
             retried = exc.status_code in (408, 409) or exc.status_code >= 500
-            return Reply(retries=self.client.max_retries if retried else 0,
+            return Outcome(retries=self.client.max_retries if retried else 0,
                          problem="failed_request" if retried else "rejected_request",
                          error=_message(exc))
         try:
@@ -114,8 +116,8 @@ class Endpoint:
             prompt_tokens = int(usage.prompt_tokens) if usage else 0
             completion_tokens = int(usage.completion_tokens) if usage else 0
         except (openai.APIResponseValidationError, AttributeError, IndexError, TypeError, ValueError):
-            return Reply(retries=raw.retries_taken, problem="malformed_reply", error=_not_a_reply(raw))
-        return Reply(text=text, finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
+            return Outcome(retries=raw.retries_taken, problem="malformed_reply", error=_not_a_reply(raw))
+        return Outcome(text=text, finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
                      completion_tokens=completion_tokens, retries=raw.retries_taken,
                      problem=None if text and text.strip() else "empty_reply")
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
-from alpaca_lora.endpoint.client import Endpoint, Reply
+from alpaca_lora.endpoint.client import Endpoint, Outcome
 
 # This many failed or rejected requests in a row (each after all its retries) means the endpoint is
 # down or refuses our requests (a parameter it does not take): stop and show the last error.
@@ -33,7 +33,7 @@ class Job(Protocol):
 
     def restore(self, entries: list[dict], journal: Journal) -> None: ...
     def next_prompt(self, number: int) -> tuple[Any, str | list[dict]] | None: ...  # (key, prompt or messages)
-    def accept(self, key: Any, reply: Reply) -> dict: ...
+    def accept(self, key: Any, reply: Outcome) -> dict: ...
     def done(self) -> int: ...
     def finished(self) -> bool: ...
     # Optional: ``pending_prompts() -> list`` (the prompts still to send), for the estimate before the first request.
@@ -45,7 +45,7 @@ class Totals:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    problems: Counter = field(default_factory=Counter)  # see Reply.problem
+    problems: Counter = field(default_factory=Counter)  # see Outcome.problem
     last_error: str | None = None
     discarded: Counter = field(default_factory=Counter)
     succeeded: int = 0

@@ -14,7 +14,9 @@ from typing import Callable
 
 
 @dataclass
-class Reply:
+class Canned:
+    """An answer the scripted endpoint gives (after ``delay`` seconds)."""
+
     text: str
     finish_reason: str = "stop"
     delay: float = 0.0
@@ -67,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
         error = {"error": {"message": f"scripted {fault.status}", "type": "test", "code": None}}
         self._send(fault.status or 500, json.dumps(error).encode(), headers)
 
-    def _answer(self, body: dict, reply: Reply):
+    def _answer(self, body: dict, reply: Canned):
         server = self.scripted
         prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
         usage = {"prompt_tokens": server.count_tokens(prompt), "completion_tokens": server.count_tokens(reply.text)}
@@ -100,9 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ScriptedOpenAI:
-    def __init__(self, default: Callable[[dict], Reply] | None = None, script: list | None = None,
+    def __init__(self, default: Callable[[dict], Canned] | None = None, script: list | None = None,
                  count_tokens: Callable[[str], int] = lambda text: len(text.split())):
-        self.default = default or (lambda body: Reply("ok"))
+        self.default = default or (lambda body: Canned("ok"))
         self.count_tokens = count_tokens
         self.script = list(script or [])
         self.received: list[dict] = []  # {"path", "body", "headers", "time"}
@@ -142,15 +144,15 @@ def numbered_reply(tasks: list[dict], first_number: int, restate_first: bool = F
     return "###\n".join(parts) + "###"
 
 
-def task_replies(seed: int = 0, tasks_per_reply: int = 17, delay: float = 0.0) -> Callable[[dict], Reply]:
+def task_replies(seed: int = 0, tasks_per_reply: int = 17, delay: float = 0.0) -> Callable[[dict], Canned]:
     """A default reply: ``tasks_per_reply`` new, distinct, valid tasks per request."""
     rng = random.Random(seed)
     lock = threading.Lock()
 
-    def reply(body: dict) -> Reply:
+    def reply(body: dict) -> Canned:
         with lock:
             tasks = [{"instruction": nonsense_instruction(rng), "input": "" if i % 2 else "some input",
                       "output": f"answer {rng.random():.6f}"} for i in range(tasks_per_reply)]
-        return Reply(numbered_reply(tasks, 4), delay=delay)
+        return Canned(numbered_reply(tasks, 4), delay=delay)
 
     return reply

@@ -17,7 +17,7 @@ from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.data.templates import conversation_prompt, get_template
-from alpaca_lora.endpoint.client import Reply
+from alpaca_lora.endpoint.client import Outcome
 from alpaca_lora.endpoint.runner import MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import file_name, write_answers
@@ -203,7 +203,7 @@ class AnswerJob:
             return self.template.format(item["instruction"], item["input"])
         return conversation_prompt(self.template, system + messages, "", multi_turn=False)  # folded
 
-    def accept(self, item: dict, reply: Reply) -> dict:
+    def accept(self, item: dict, reply: Outcome) -> dict:
         if reply.problem and reply.problem != "empty_reply":  # an empty answer is an answer, and loses
             return {"id": item["id"], "records": [], "discarded": {}}
         return {"id": item["id"], "records": [self.answering.record(item, reply.text or "")], "discarded": {}}

@@ -29,7 +29,7 @@ from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.paths import atomic_write_text
-from alpaca_lora.endpoint.client import Endpoint, Reply
+from alpaca_lora.endpoint.client import Endpoint, Outcome
 from alpaca_lora.endpoint.runner import FAILURES, MAX_CONSECUTIVE_FAILURES, Totals, run_requests, summary
 from alpaca_lora.endpoint.stops import exit_code, stop_on_sigterm
 from alpaca_lora.evaluate.answers import Pair, file_name, load_answers, pair_answers
@@ -164,7 +164,7 @@ class JudgeJob:
     def pending_prompts(self) -> list[list[dict]]:
         return [self.units[key][2] for key in self.pending_keys()]
 
-    def accept(self, key: str, reply: Reply) -> dict:
+    def accept(self, key: str, reply: Outcome) -> dict:
         entry = {"hash": key, "verdict": None, "reply": reply.text}
         if reply.problem in FAILURES:  # no reply from the judge (an error page is none): asked again next run
             return {**entry, "records": [], "discarded": {}}

@@ -13,7 +13,7 @@ import pytest
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.__main__ import main
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.endpoint.scripted import Fault, Reply, ScriptedOpenAI, numbered_reply, task_replies
+from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI, numbered_reply, task_replies
 
 SEEDS = [{"instruction": f"Seed task number {word} about something.", "instances": [{"input": "", "output": "Done."}]}
          for word in ("one", "two", "three", "four", "five", "six")]
@@ -57,9 +57,9 @@ def test_faults_are_retried_and_bad_replies_counted_never_fatal(seeds, tmp_path)
     script = [Fault(status=429, retry_after="1"), Fault(status=500), Fault(stall=3), Fault(drop=True),  # request 1,
               task_replies(seed=9)({}),                   # its fifth attempt succeeds
               Fault(body="this is not JSON"),             # request 2: malformed
-              Reply("Sure! Here are twenty tasks."),      # request 3: unparseable
-              Reply(truncated.removesuffix("###"), finish_reason="length"),  # request 4: last task cut
-              Reply("")]                                  # request 5: empty
+              Canned("Sure! Here are twenty tasks."),      # request 3: unparseable
+              Canned(truncated.removesuffix("###"), finish_reason="length"),  # request 4: last task cut
+              Canned("")]                                  # request 5: empty
     with ScriptedOpenAI(default=task_replies(), script=script) as server:
         assert build(server, seeds, tmp_path, "target=40", "concurrency=1", "timeout=1", "max_retries=5") == 0
     summary, records, journal = outputs(tmp_path)
@@ -160,11 +160,11 @@ def test_regenerate_outputs_with_the_training_prompt_and_resume_the_rest(tmp_pat
     source.write_text(json.dumps(data))
 
     def answer(body):
-        return Reply("NEW: " + body["messages"][0]["content"].split("### Instruction:\n")[1].split("\n")[0])
+        return Canned("NEW: " + body["messages"][0]["content"].split("### Instruction:\n")[1].split("\n")[0])
 
     args = ["mode=regenerate", f"input={source}", "model=gpt-4o", f"output={tmp_path / 'out' / 'data.json'}",
             "concurrency=1"]
-    script = [Reply("NEW: cut", finish_reason="length"), Fault(status=400)]  # one too long, one rejected
+    script = [Canned("NEW: cut", finish_reason="length"), Fault(status=400)]  # one too long, one rejected
     with ScriptedOpenAI(default=answer, script=script) as server:
         assert main([f"base_url={server.base_url}", *args]) == 0
         summary, records, _ = outputs(tmp_path)

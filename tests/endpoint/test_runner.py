@@ -5,7 +5,7 @@ import pytest
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.endpoint.client import Endpoint
 from alpaca_lora.endpoint.runner import Budget, Pacer, Totals, run_requests
-from alpaca_lora.endpoint.scripted import Fault, Reply, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI
 
 
 class FakeClock:
@@ -86,7 +86,7 @@ class Keeping:
         return self.kept >= self.total
 
 
-@pytest.mark.parametrize("bad", [Reply(""), Fault(body="<html>oops</html>")])
+@pytest.mark.parametrize("bad", [Canned(""), Fault(body="<html>oops</html>")])
 def test_records_kept_from_bad_replies_alone_neither_crash_the_run_nor_its_resume(tmp_path, bad):
     """Records so far, yet no reply that succeeded: the estimate of what the requests in flight will bring must not
     divide by the zero successes (issue 22: a ZeroDivisionError, then the same on every rerun)."""

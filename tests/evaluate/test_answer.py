@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_lora.endpoint.scripted import Reply, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Canned, ScriptedOpenAI
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.answers import load_answers, pair_answers, published_url
 from alpaca_lora.evaluate.sets import NAMED_SETS, fold, load_eval_set
@@ -130,7 +130,7 @@ def test_answer_through_an_endpoint_sends_the_system_prompt_and_resumes(alpaca_s
     output = tmp_path / "answers.jsonl"
 
     def echo(body):
-        return Reply(f"answer to: {body['messages'][-1]['content']}")
+        return Canned(f"answer to: {body['messages'][-1]['content']}")
 
     args = ["answer", f"set={alpaca_set}", "model=gpt-4o-mini", f"output={output}", "system=Be brief.",
             "decoding=sample", "temperature=0.7", "max_new_tokens=50"]
@@ -223,7 +223,7 @@ def test_empty_first_replies_neither_crash_answer_nor_its_rerun(alpaca_set, tmp_
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     output = tmp_path / "answers.jsonl"
     args = ["answer", f"set={alpaca_set}", "model=gpt-4o-mini", f"output={output}", "concurrency=2"]
-    with ScriptedOpenAI(default=lambda body: Reply("an answer"), script=[Reply(""), Reply("")]) as server:
+    with ScriptedOpenAI(default=lambda body: Canned("an answer"), script=[Canned(""), Canned("")]) as server:
         assert main([*args, f"base_url={server.base_url}", "limit=2"]) == 0
         assert main([*args, f"base_url={server.base_url}"]) == 0
     answers = [json.loads(line) for line in output.read_text().splitlines()]
@@ -235,7 +235,7 @@ def test_a_run_stopped_by_max_cost_exits_with_its_own_code_and_the_rerun_finishe
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     args = ["answer", f"set={alpaca_set}", "model=gpt-4o-mini", f"output={tmp_path / 'answers.jsonl'}",
             "concurrency=1", "price_input=10000", "price_output=10000"]
-    with ScriptedOpenAI(default=lambda body: Reply("an answer of five words")) as server:
+    with ScriptedOpenAI(default=lambda body: Canned("an answer of five words")) as server:
         assert main([*args, f"base_url={server.base_url}", "max_cost=0.15"]) == 3
         assert 1 <= len(server.received) < 3
         assert main([*args, f"base_url={server.base_url}", "max_cost=10"]) == 0
@@ -250,7 +250,7 @@ def test_the_alpaca_eval_form_names_the_subset_as_its_dataset(tmp_path, monkeypa
              "instances": [{"input": "", "output": "Done."}]} for i, app in enumerate(["Grammarly", "Netflix"])]
     (tmp_path / "user_oriented_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "alpaca.json").write_text(json.dumps(RECORDS[:1]))
-    with ScriptedOpenAI(default=lambda body: Reply("Done.")) as server:
+    with ScriptedOpenAI(default=lambda body: Canned("Done.")) as server:
         for name in ("user_oriented_instructions.jsonl", "alpaca.json"):
             assert main(["answer", f"set={tmp_path / name}", "model=gpt-4o-mini", f"base_url={server.base_url}",
                          f"output={tmp_path / 'out' / name.split('.')[0]}.jsonl"]) == 0

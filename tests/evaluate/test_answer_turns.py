@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from alpaca_lora.common.errors import DataError
-from alpaca_lora.endpoint.scripted import Reply, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Canned, ScriptedOpenAI
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.sets import load_eval_set
 
@@ -85,7 +85,7 @@ def test_an_endpoint_gets_the_history_and_the_judge_sees_each_sides_own(mt_bench
         def reply(body):
             messages = body["messages"]
             said = [m["content"] for m in messages if m["role"] == "assistant"]
-            return Reply(f"{name} on '{messages[-1]['content']}' after {said}")
+            return Canned(f"{name} on '{messages[-1]['content']}' after {said}")
         return reply
 
     for name in ("alpha", "beta"):
@@ -99,7 +99,7 @@ def test_an_endpoint_gets_the_history_and_the_judge_sees_each_sides_own(mt_bench
                           {"role": "user", "content": "What is its capital?"}]
 
     def fair(body):
-        return Reply("Both are fine. [[C]]")
+        return Canned("Both are fine. [[C]]")
 
     with ScriptedOpenAI(default=fair) as judge:
         assert main(["judge", f"a={tmp_path / 'alpha.jsonl'}", f"b={tmp_path / 'beta.jsonl'}", "judge_model=j",

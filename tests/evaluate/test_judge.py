@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_lora.endpoint.scripted import Fault, Reply, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.judge import SYSTEM_PROMPT, combine
 
@@ -51,11 +51,11 @@ def shown(body: dict) -> tuple[str, str]:
     return first, second
 
 
-def fair(body: dict) -> Reply:
+def fair(body: dict) -> Canned:
     first, second = shown(body)
     good_first, good_second = first.startswith("GOOD"), second.startswith("GOOD")
     verdict = "C" if good_first == good_second else ("A" if good_first else "B")
-    return Reply(f"Comparing the two responses carefully. Verdict: [[{verdict}]]")
+    return Canned(f"Comparing the two responses carefully. Verdict: [[{verdict}]]")
 
 
 def judge(server, answers, out, *overrides):
@@ -105,7 +105,7 @@ def test_a_fair_judge_both_orders_report_table_and_chart(answers, tmp_path, caps
 
 
 def test_a_judge_that_always_says_A_gives_only_ties_and_full_position_bias(answers, tmp_path):
-    with ScriptedOpenAI(default=lambda body: Reply("The first one. [[A]]")) as server:
+    with ScriptedOpenAI(default=lambda body: Canned("The first one. [[A]]")) as server:
         assert judge(server, answers, tmp_path / "out") == 0
     report, judgments = read_outputs(tmp_path / "out")
     assert (report["wins_a"], report["wins_b"], report["ties"]) == (0, 0, 7)
@@ -122,9 +122,9 @@ def test_the_both_orders_rule():
 def test_unparseable_replies_are_asked_again_once_then_scored_as_ties(answers, tmp_path):
     def mumbling(body):
         first, second = shown(body)
-        return Reply("I cannot decide between them.") if "5" in first else fair(body)
+        return Canned("I cannot decide between them.") if "5" in first else fair(body)
 
-    script = [Reply("Both have merits.")]  # the very first request: no verdict, asked again
+    script = [Canned("Both have merits.")]  # the very first request: no verdict, asked again
     with ScriptedOpenAI(default=mumbling, script=script) as server:
         assert judge(server, answers, tmp_path / "out", "concurrency=1", "max_unparseable=0.2") == 0
     report, judgments = read_outputs(tmp_path / "out")
@@ -306,7 +306,7 @@ def test_a_judge_endpoint_answering_html_is_a_failure_not_a_tie_and_the_rerun_af
 
 def test_a_judge_that_never_gives_a_verdict_says_so_loudly_and_exits_non_zero(answers, tmp_path, capsys):
     """Issue 22: 104 replies without a verdict made a "complete" report of ties and exit 0."""
-    with ScriptedOpenAI(default=lambda body: Reply("Both responses have their merits.")) as server:
+    with ScriptedOpenAI(default=lambda body: Canned("Both responses have their merits.")) as server:
         assert judge(server, answers, tmp_path / "out") == 4
     report, judgments = read_outputs(tmp_path / "out")
     assert len(server.received) == 28 and report["ties"] == 7  # every judgment asked twice, then a tie

@@ -10,7 +10,7 @@ from alpaca_lora.common.journal import Journal
 from alpaca_lora.data.near_duplicates import NearDuplicateIndex
 from alpaca_lora.data.self_instruct.tasks import encode_prompt, parse_reply
 from alpaca_lora.data.templates import PromptTemplate
-from alpaca_lora.endpoint.client import Reply
+from alpaca_lora.endpoint.client import Outcome
 
 
 class GenerateJob:
@@ -36,7 +36,7 @@ class GenerateJob:
         examples = random.Random(f"{self.seed}:{number}").sample(self.seeds, self.prompt_tasks)
         return number, encode_prompt(self.prompt, examples)
 
-    def accept(self, key: int, reply: Reply) -> dict:
+    def accept(self, key: int, reply: Outcome) -> dict:
         if reply.problem:
             return {"records": [], "discarded": {}}
         parsed = parse_reply(reply.text, self.prompt_tasks + 1, truncated=reply.finish_reason == "length")
@@ -92,7 +92,7 @@ class RegenerateJob:
         record = self.records[index]
         return index, self.template.format(record["instruction"], record["input"])
 
-    def accept(self, key: int, reply: Reply) -> dict:
+    def accept(self, key: int, reply: Outcome) -> dict:
         if reply.problem:
             return {"index": key, "records": [], "discarded": {}}
         if reply.finish_reason == "length":
