@@ -78,8 +78,9 @@ def why_not_run(stage: str, args: list[str]) -> str | None:
         return "downloads Self-Instruct's 252 instructions from GitHub (set= or held_out= answer offline)"
     if stage == "evaluate" and sub == "judge" and keys.get("judge") != "reference":
         return "needs a judge model through an OpenAI-compatible endpoint: a paid key (OPENAI_API_KEY)"
+    tasks = keys.get("tasks", "").split(",")
     if stage == "evaluate" and sub == "harness" and any(
-            not task.endswith((".yaml", ".yml")) and not Path(task).is_dir() for task in keys.get("tasks", "").split(",")):
+            not task.endswith((".yaml", ".yml")) and not Path(task).is_dir() for task in tasks):
         return "lm-eval downloads a named task's data from the hub (task YAML files run offline)"
     if stage == "feedback":
         return "reads the votes visitors cast in the app and the arena (make demo-feedback casts them)"
@@ -262,11 +263,11 @@ def validators() -> dict:
     from alpaca_lora.app import load_app_config
     from alpaca_lora.arena.__main__ import COMMANDS as ARENA
     from alpaca_lora.arena.page import ArenaStore
-    from alpaca_lora.feedback.__main__ import COMMANDS as FEEDBACK
-    from alpaca_lora.feedback.store import FeedbackStore
     from alpaca_lora.data.self_instruct.settings import load_builder_config
     from alpaca_lora.evaluate.__main__ import COMMANDS as EVALUATE
     from alpaca_lora.export import load_export_config
+    from alpaca_lora.feedback.__main__ import COMMANDS as FEEDBACK
+    from alpaca_lora.feedback.store import FeedbackStore
     from alpaca_lora.generate import load_generate_config
     from alpaca_lora.merge import load_merge_config
     from alpaca_lora.serve.server import load_serve_config

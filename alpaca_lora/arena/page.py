@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from alpaca_lora.common.auth import basic_auth
-from alpaca_lora.common.errors import DataError
 from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.sqlite import SqliteStore
 from alpaca_lora.evaluate.answers import Answers, Pair

@@ -13,7 +13,7 @@ import pytest
 from alpaca_lora.data.loading import load_records
 from alpaca_lora.data.self_instruct.__main__ import main
 from alpaca_lora.data.templates import get_template
-from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI, numbered_reply, task_replies
+from alpaca_lora.endpoint.scripted import Canned, Fault, ScriptedOpenAI, numbered_reply, task_replies
 
 SEEDS = [{"instruction": f"Seed task number {word} about something.", "instances": [{"input": "", "output": "Done."}]}
          for word in ("one", "two", "three", "four", "five", "six")]

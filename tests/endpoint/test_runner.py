@@ -5,7 +5,7 @@ import pytest
 from alpaca_lora.common.journal import Journal
 from alpaca_lora.endpoint.client import Endpoint
 from alpaca_lora.endpoint.runner import Budget, Pacer, Totals, run_requests
-from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Canned, Fault, ScriptedOpenAI
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_lora.endpoint.scripted import Fault, Canned, ScriptedOpenAI
+from alpaca_lora.endpoint.scripted import Canned, Fault, ScriptedOpenAI
 from alpaca_lora.evaluate.__main__ import main
 from alpaca_lora.evaluate.judge import SYSTEM_PROMPT, combine
 
