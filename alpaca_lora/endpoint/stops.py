@@ -14,6 +14,7 @@ EXIT_CODES = {
     "finished": 0,
     "nothing_left": 0,       # every remaining item was tried this run; the report says what is missing
     "endpoint_failing": 1,   # MAX_CONSECUTIVE_FAILURES failed requests in a row: the endpoint is down or refuses us
+    "items_failed": 1,       # some items got no answer (a prompt longer than the local model's context), each named
     "max_cost": 3,           # stopped before the spend would pass max_cost: raise it and run the same command
     "max_requests": 3,       # likewise for max_requests
     "no_verdict": 4,         # the judge: too many judgments without a verdict (past max_unparseable)

@@ -134,21 +134,26 @@ def _answer_with_local_model(cfg: AnswerConfig, answering: Answering, output: Pa
 
     model = LocalModel(cfg, cfg.batch_size)
     log(f"{len(answering.items)} items; {model.description}; {len(answering.answered)} answered before")
-    stop, number = "finished", len(answering.entries)
+    stop, number, skipped = "finished", len(answering.entries), []
     stop_on_sigterm()  # a scheduler's preemption, `kill`: stop cleanly
     try:
         with tqdm(total=len(answering.items), initial=len(answering.answered), desc="answering", unit="item") as bar:
             for batch in answering.passes():
                 asked = [{"messages": answering.messages(item)} if "turns" in item else item for item in batch]
-                for position, text in model(asked, cfg):
+                for position, text, error in model(asked, cfg):
+                    bar.update(1)
+                    if error:  # not journaled: a rerun tries it again
+                        skipped.append((batch[position]["id"], error))
+                        continue
                     answering.journal.append({"request": number, "mode": "answer", "prompt_tokens": 0,
                                               "completion_tokens": 0, "retries": 0, "problem": None, "error": None,
                                               "records": [answering.record(batch[position], text)], "discarded": {}})
                     number += 1
-                    bar.update(1)
     except KeyboardInterrupt:
         stop = "interrupted"
-    return _finish(answering, output, stop)
+    for item_id, error in skipped:
+        log(f"error: item {item_id}: {error}; skipped (a rerun tries it again)")
+    return _finish(answering, output, "items_failed" if skipped and stop == "finished" else stop)
 
 
 def _answer_with_endpoint(cfg: AnswerConfig, answering: Answering, output: Path) -> int:

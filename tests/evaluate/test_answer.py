@@ -84,6 +84,22 @@ def test_answer_with_a_local_model_resumes_without_answering_twice(alpaca_set, t
     assert load_answers(str(tmp_path / "answers.alpaca_eval.json")).records[1]["key"] == answers[1]["key"]
 
 
+def test_an_item_longer_than_the_context_is_skipped_and_named_the_rest_answered(tiny_model_dir, tmp_path, capsys):
+    """Issue 22 item 4: one 9,000-token instruction ended the run with a traceback, and every rerun stopped on it."""
+    records = [RECORDS[0], {"instruction": "word " * 9000, "input": "", "output": "x"}, RECORDS[2]]
+    eval_set = tmp_path / "set.json"
+    eval_set.write_text(json.dumps(records))
+    output = tmp_path / "answers.jsonl"
+    args = ["answer", f"set={eval_set}", f"model={tiny_model_dir}", f"output={output}", "max_new_tokens=4",
+            "batch_size=2", "generator=tiny", "device=cpu"]
+    assert main(args) == 1
+    assert [a["id"] for a in map(json.loads, output.read_text().splitlines())] == ["0", "2"]
+    assert "item 1: the prompt is" in capsys.readouterr().err
+    assert main(args) == 1  # the rerun tries only that item again, and says so again
+    assert "item 1: the prompt is" in capsys.readouterr().err
+    assert len(output.read_text().splitlines()) == 2
+
+
 def test_a_resume_with_other_settings_is_refused(alpaca_set, tiny_model_dir, tmp_path, capsys):
     args = ["answer", f"set={alpaca_set}", f"model={tiny_model_dir}", f"output={tmp_path / 'a.jsonl'}", "device=cpu",
             "generator=tiny", "limit=1"]
