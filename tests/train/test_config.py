@@ -438,6 +438,7 @@ def test_lora_16bit_plan(capsys):
     assert cpu["sft_config"]["bf16"] is False and cpu["sft_config"]["use_cpu"] is True
 
 
+@pytest.mark.slow
 def test_demo_plan(capsys):
     plan = dry_run(capsys, "recipe=demo", "device=cpu")
     config = plan["config"]

@@ -56,6 +56,7 @@ def tokenizer_only(tiny_model_dir, tmp_path) -> Path:
 # --- torn checkpoints ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_inside_checkpoint_writes_again_and_again_and_resume_each_time(tiny_model_dir, tmp_path):
     """Each run is killed while transformers is writing a checkpoint (the directory exists, its
     trainer_state.json does not yet); the next run resumes from the newest complete checkpoint and
