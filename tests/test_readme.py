@@ -22,6 +22,7 @@ exists; nothing is written into the repository.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -82,6 +83,8 @@ def why_not_run(stage: str, args: list[str]) -> str | None:
     if stage == "evaluate" and sub == "harness" and any(
             not task.endswith((".yaml", ".yml")) and not Path(task).is_dir() for task in tasks):
         return "lm-eval downloads a named task's data from the hub (task YAML files run offline)"
+    if stage == "evaluate" and {Path(keys.get(name, "")).stem for name in ("adapter", "a", "b")} & trained_on_a_gpu():
+        return "reads an adapter (or its answers) that a documented training run makes on a GPU"
     if stage == "feedback":
         return "reads the votes visitors cast in the app and the arena (make demo-feedback casts them)"
     if stage == "arena" and sub == "report":
@@ -89,6 +92,13 @@ def why_not_run(stage: str, args: list[str]) -> str | None:
     if stage == "arena":
         return "downloads text-davinci-003's answers from GitHub (b=) for a= answers that need a download too"
     return None
+
+
+@functools.cache
+def trained_on_a_gpu() -> set[str]:
+    """The names of the adapters documented training runs write that need a GPU (dry runs here)."""
+    trains = [(c, found[1]) for c in COMMANDS if (found := stage_and_arguments(c)) and found[0] == "train"]
+    return {Path(path).name for c, args in trains if why_not_run("train", args) for path in writes(c)}
 
 
 def _keys(args: list[str]) -> dict[str, str]:
@@ -179,9 +189,11 @@ def writes(command: Command) -> list[str]:
     stage, args = found
     keys, sub = _keys(args), (args[0] if args else "")
     if stage == "train" and not {"--help", "-h"} & set(args) and keys.get("dry_run") != "true":
-        from alpaca_lora.train.config import load_config
+        from alpaca_lora.train.config import TrainConfig, recipe_layers
 
-        return [keys.get("output_dir") or load_config([f"recipe={keys.get('recipe', 'qlora')}"]).output_dir]
+        recipe = [layer.values.get("output_dir") for layer in recipe_layers(keys.get("recipe", "qlora"))]
+        default = TrainConfig.__dataclass_fields__["output_dir"].default
+        return [keys.get("output_dir") or next((d for d in reversed(recipe) if d), default)]
     if stage == "evaluate" and sub == "answer":  # answer.py's default: outputs/evaluate/GENERATOR.jsonl
         generator = keys.get("generator") or Path(keys.get("adapter") or keys.get("model", "")).name
         return [keys.get("output") or f"outputs/evaluate/{generator}.jsonl"]
@@ -289,10 +301,24 @@ def validators() -> dict:
             FeedbackStore(cfg.feedback_db)  # the app opens its votes database when it starts; feedback export reads it
         return cfg
 
+    def feedback(args: list[str]):  # it reads the databases the app and the arena made when they started
+        keys = _keys(args)
+        if keys.get("feedback_db"):
+            FeedbackStore(keys["feedback_db"])
+        if keys.get("arena_db"):
+            ArenaStore(keys["arena_db"])
+        return FEEDBACK[args[0]].load(args[1:])
+
+    def evaluate(args: list[str]):  # a GPU run's adapter (validated) stands for the workspace's adapter here
+        gpu = trained_on_a_gpu()
+        args = [f"{name}=outputs/demo" if name == "adapter" and Path(value).name in gpu else arg
+                for arg in args for name, _, value in [arg.partition("=")]]
+        return EVALUATE[args[0]].load(args[1:])
+
     return {"merge": load_merge_config, "export": load_export_config, "generate": load_generate_config,
             "app": app, "serve": load_serve_config, "data": data, "arena": arena,
-            "evaluate": lambda args: EVALUATE[args[0]].load(args[1:]),
-            "feedback": lambda args: FEEDBACK[args[0]].load(args[1:])}
+            "evaluate": evaluate,
+            "feedback": feedback}
 
 
 def tiny_model(stage: str, args: list[str], tiny_model_dir: Path) -> list[str]:
@@ -308,13 +334,13 @@ def running_app(cfg):
     """The app of ``alpaca-lora app`` (its page, launched as its ``run`` launches it), on a free loopback port."""
     import socket
 
-    from alpaca_lora.app import build_page, launch_kwargs
+    from alpaca_lora.app.page import build_page, launch_kwargs, voting_for
     from alpaca_lora.inference.loading import load_for_inference
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    page = build_page(load_for_inference(cfg), cfg)
+    page = build_page(load_for_inference(cfg), cfg, voting_for(cfg))
     page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                         **launch_kwargs())
     try:
@@ -500,7 +526,8 @@ def test_the_demos_commands_run_in_order_never_refuse_each_others_outputs():
             continue
         for path in writes(command):
             earlier = written.setdefault(path, command)
-            same = earlier.argv == command.argv and found[0] in RESUMABLE
+            # the same command again: resumable, or the README repeating a page's step (a reader runs it once)
+            same = earlier.argv == command.argv and (found[0] in RESUMABLE or earlier.document != command.document)
             if earlier is not command and not same and "overwrite=true" not in command.argv:
                 clashes.append(f"{command} writes {path}, as {earlier} does")
     assert clashes == []

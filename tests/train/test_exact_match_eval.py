@@ -1,6 +1,5 @@
 """Training's before/after exact match (``exact_match_eval``) scores a model: the demo prints it."""
 
-from alpaca_lora.data.templates import get_template
 from alpaca_lora.evaluate.exact_match import exact_match
 
 
@@ -9,5 +8,5 @@ def test_exact_match_scores_the_fact_adapter(fact_adapters, fact):
 
     loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[16])))
     wrong = {**fact, "output": "Somewhere else."}
-    scored = exact_match(loaded.model, loaded.tokenizer, get_template("alpaca"), [fact, wrong], "test")
+    scored = exact_match(loaded.model, loaded.prompter, [fact, wrong], "test")
     assert (scored.correct, scored.total, scored.matches) == (1, 2, [True, False])
