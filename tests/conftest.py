@@ -257,6 +257,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _at_once(work, names: list[str]) -> list[Exception]:
+    """``work(name)`` for each name, in threads started together; the exceptions they raised (the test asserts
+    there are none, in its own thread)."""
+    import threading
+
+    errors = []
+
+    def run(name):
+        try:
+            work(name)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+@pytest.fixture(scope="session")
+def at_once():
+    """``at_once(work, names)``: concurrent visitors or voters, each ``work(name)`` in its own thread."""
+    return _at_once
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """``free_port()``: a loopback port free right now, for a server a test starts."""

@@ -4,7 +4,6 @@ did not ask for."""
 
 import hashlib
 import sqlite3
-import threading
 
 import pytest
 
@@ -60,22 +59,15 @@ def vote_round(url, fact, voter: str) -> tuple[str, str]:
     return first, second
 
 
-def test_votes_from_voters_at_once_survive_a_restart(app, loaded, fact, tmp_path):
+def test_votes_from_voters_at_once_survive_a_restart(app, loaded, fact, tmp_path, at_once):
     db = tmp_path / "feedback.sqlite"
     url = app(db)
-    seen, errors = {}, []
+    seen = {}
 
     def voter(name):
-        try:
-            seen[name] = vote_round(url, fact, name)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        seen[name] = vote_round(url, fact, name)
 
-    threads = [threading.Thread(target=voter, args=(f"voter{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = at_once(voter, [f"voter{i}" for i in range(6)])
     assert errors == []
     restarted = app(db)  # a second server on the same database, as after a restart
     vote_round(restarted, fact, "late")

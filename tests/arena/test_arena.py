@@ -4,7 +4,6 @@ one database, tallies, agreement between voters (Cohen's kappa) and with a judge
 import csv
 import json
 import sqlite3
-import threading
 
 import pytest
 
@@ -78,24 +77,16 @@ def test_a_restart_loses_nothing_and_arenas_share_a_database(tmp_path, files):
     assert [a["b"] for a in ArenaStore(db).arenas()] == ["beta", "gamma"]
 
 
-def test_voters_voting_at_once_lose_nothing(tmp_path, files):
+def test_voters_voting_at_once_lose_nothing(tmp_path, files, at_once):
     db = tmp_path / "arena.sqlite"
     open_arena(db, files)
-    errors = []
 
     def voter(name):
-        try:
-            arena = open_arena(db, files)  # each voter with its own connections, as Gradio's worker threads
-            while (shown := arena.next_item(name)) is not None:
-                arena.vote(shown.ticket, "bad")
-        except Exception as exc:  # noqa: BLE001 - the test reports it below
-            errors.append(exc)
+        arena = open_arena(db, files)  # each voter with its own connections, as Gradio's worker threads
+        while (shown := arena.next_item(name)) is not None:
+            arena.vote(shown.ticket, "bad")
 
-    threads = [threading.Thread(target=voter, args=(f"voter{i}",)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = at_once(voter, [f"voter{i}" for i in range(8)])
     assert errors == []
     votes = ArenaStore(db).votes()
     assert len(votes) == 48 and len({(v["voter"], v["item"]) for v in votes}) == 48
