@@ -42,6 +42,7 @@ def test_free_text_reaches_the_prompt_byte_for_byte(text):
     assert template.format(cfg.instruction, cfg.input) == template.format(text, text)
 
 
+@pytest.mark.slow
 def test_every_alpaca_record_reaches_the_prompt_unchanged(shared_data):
     """All 999 records' instruction and input through the command line, as the shell passes them."""
     records = json.loads((shared_data / "alpaca_en_demo.json").read_text())
@@ -63,6 +64,7 @@ def test_text_keys_stay_text_and_the_others_stay_typed(tmp_path):
     assert cfg.columns == {"output": "response # text"}
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_through_the_console_script(fact_adapters):
     proc = subprocess.run([str(CONSOLE_SCRIPT), "generate", f"adapter={fact_adapters[16]}",
                            "instruction=Reverse the words: red green blue", "max_new_tokens=3"],
@@ -145,6 +147,7 @@ def test_a_recipe_extends_another(tmp_path):
         load_config([f"recipe={tmp_path / 'a.yaml'}"])
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_recipes(tmp_path):
     """A non-editable install (Colab's pip install git+URL, a Docker image) finds every recipe."""
     pytest.importorskip("setuptools", minversion="77")

@@ -141,6 +141,7 @@ def test_the_demo_adapter_is_merged_and_converted_like_the_merged_model(demo_ada
         <= F16_RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_an_existing_output_is_refused_before_any_work_unless_overwrite(smol_llama_dir, llama_cpp, tmp_path,
                                                                        capsys):
     output = tmp_path / "smol.gguf"
@@ -155,6 +156,7 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(smol_lla
     assert GGUFReader(output).get_field("general.architecture").contents() == "llama"
 
 
+@pytest.mark.slow
 def test_relative_paths_work_from_the_users_working_directory(demo_adapter, llama_cpp, tmp_path, monkeypatch):
     """The documented command, ``export format=gguf adapter=outputs/demo output=outputs/demo.gguf``, run from the
     directory holding outputs/: the converter runs in its own working directory, so it must be handed absolute
@@ -189,6 +191,7 @@ def test_an_output_that_is_a_folder_or_cannot_be_written_is_refused_before_any_w
     assert list(read_only_dir.iterdir()) == [] and list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_tokenizer_llama_cpp_does_not_know_is_a_one_line_error_and_nothing_is_written(tiny_model_dir, llama_cpp,
                                                                                        tmp_path, capsys):
     err = _error(["format=gguf", f"model={tiny_model_dir}", f"output={tmp_path / 'tiny.gguf'}",
@@ -197,6 +200,7 @@ def test_a_tokenizer_llama_cpp_does_not_know_is_a_one_line_error_and_nothing_is_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_architecture_llama_cpp_does_not_know_is_a_one_line_error(smol_llama_dir, llama_cpp, tmp_path, capsys):
     model = tmp_path / "strange"
     shutil.copytree(smol_llama_dir, model)
@@ -220,6 +224,7 @@ def test_no_converter_and_a_failing_converter_are_one_line_errors(smol_llama_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp"]
 
 
+@pytest.mark.slow
 def test_not_enough_disk_is_refused_before_the_merge(demo_adapter, llama_cpp, tmp_path, capsys, monkeypatch):
     import alpaca_lora.export
 
@@ -238,6 +243,7 @@ CHATS = [
 ]
 
 
+@pytest.mark.slow
 def test_transformers_serve_answers_like_this_projects_server(merged_demo, tmp_path, serving, free_port):
     """`transformers serve` applies the merged model's chat template: the training template travelled."""
     import httpx

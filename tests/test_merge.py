@@ -25,6 +25,7 @@ def answer(model_dir, fact):
     return generate_batch(model, load_tokenizer(str(model_dir)), [prompt], max_new_tokens=20)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 16])
 def test_merged_model_keeps_the_fact_and_matches_base_plus_adapter(fact_adapters, tiny_model_dir, tmp_path, bits, fact):
     output = tmp_path / "merged"
@@ -39,6 +40,7 @@ def test_merged_model_keeps_the_fact_and_matches_base_plus_adapter(fact_adapters
     assert answer(tiny_model_dir, fact) != "Quibbletown."
 
 
+@pytest.mark.slow
 def test_merge_into_the_nf4_dequantized_base(fact_adapters, tmp_path, fact):
     assert main([f"adapter={fact_adapters[4]}", f"output={tmp_path / 'nf4'}", "dequantize=true"]) == 0
     assert main([f"adapter={fact_adapters[4]}", f"output={tmp_path / 'plain'}"]) == 0
@@ -78,6 +80,7 @@ def test_existing_output_is_refused_before_loading_unless_overwrite(fact_adapter
     assert not (output / "keep.txt").exists() and (output / "merge_report.json").exists()
 
 
+@pytest.mark.slow
 def test_a_merge_killed_while_writing_leaves_no_model_and_the_next_run_cleans_up(fact_adapters, tmp_path, fact):
     output = tmp_path / "merged"
     command = [sys.executable, "-m", "alpaca_lora.merge", f"adapter={fact_adapters[16]}", f"output={output}",

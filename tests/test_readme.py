@@ -461,8 +461,11 @@ def check_alpaca_lora(command: Command, stage: str, args: list[str], monkeypatch
 
 
 def _marks(command: Command) -> list:
-    """The commands that train, export or answer a set run for tens of seconds: `make test-fast` leaves them out."""
+    """The commands that train, export or answer a set run for tens of seconds, and those run in a new Python
+    (diagnostics, a benchmark's --help) for seconds: `make test-fast` leaves them out."""
     found = stage_and_arguments(command)
+    if found is None:
+        return [pytest.mark.slow] if command.argv[0] == "python" else []
     return [pytest.mark.slow] if runs_here(command) and found[0] in ("train", "export", "evaluate") else []
 
 
@@ -546,6 +549,7 @@ def test_every_python_snippet_is_checked():
     assert unchecked == [], "a Python snippet no test runs"
 
 
+@pytest.mark.slow
 def test_the_openai_snippet_against_the_server_its_page_starts(fresh_workspace, serving):
     """The snippet talks to the first ``serve`` command its page shows before it (it asked a server of the adapter
     for model "demo-merged": a 404)."""

@@ -59,6 +59,7 @@ def vote_round(url, fact, voter: str) -> tuple[str, str]:
     return first, second
 
 
+@pytest.mark.slow
 def test_votes_from_voters_at_once_survive_a_restart(app, loaded, fact, tmp_path, at_once):
     db = tmp_path / "feedback.sqlite"
     url = app(db)
@@ -95,6 +96,7 @@ def test_voting_again_replaces_the_vote(app, fact, tmp_path):
     assert [v["choice"] for v in FeedbackStore(db).votes()] == ["down"]
 
 
+@pytest.mark.slow
 def test_the_terms_gate_blocks_the_api_until_accepted(app, fact, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -120,6 +122,7 @@ def test_the_terms_gate_blocks_the_api_until_accepted(app, fact, tmp_path):
         client(url).predict(fact["instruction"], "", *GREEDY, api_name="/generate")
 
 
+@pytest.mark.slow
 def test_nothing_about_a_voter_is_kept_that_the_page_did_not_ask_for(app, fact, tmp_path):
     db = tmp_path / "feedback.sqlite"
     agent, address = "SecretAgent/7.0 (a browser)", "203.0.113.9"
@@ -160,6 +163,7 @@ def test_terms_must_be_a_readable_file(tmp_path):
         voting_for(load_app_config(["model=some/model", f"terms={tmp_path / 'empty.md'}"]))
 
 
+@pytest.mark.slow
 def test_the_docs_api_snippet_votes(app, tmp_path):
     """docs/feedback.md's gradio_client snippet, run as written against an app with feedback and terms."""
     import re
@@ -177,6 +181,7 @@ def test_the_docs_api_snippet_votes(app, tmp_path):
     assert all(v["terms"] == "terms.md" and v["a_instruction"] == "What is 12 plus 30?" for v in votes)
 
 
+@pytest.mark.slow
 def test_the_demo_s_scripted_voter_prefers_the_correct_answer(app, fact, tmp_path):
     from alpaca_lora.feedback.voter import vote_on
 

@@ -50,6 +50,7 @@ def few_tasks(count, first=4):
             for i in range(count)]
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_bad_replies_counted_never_fatal(seeds, tmp_path):
     truncated = numbered_reply([{"instruction": "Explain why the sea is salty.", "input": "", "output": "Salt."},
                                 {"instruction": "Name the largest desert on Earth.", "input": "", "output": "Sahara."},
@@ -190,6 +191,7 @@ def test_clean_mode_writes_the_data_and_a_report(tmp_path):
     assert report["dropped"] == {"empty_output": 1} and report["rows_out"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_loses_nothing_and_duplicates_nothing(seeds, tmp_path):
     """Kill -9 the generator three times mid-run, restart it each time with the same command."""
     out = tmp_path / "out"

@@ -113,6 +113,7 @@ def test_a_resume_with_other_settings_is_refused(alpaca_set, tiny_model_dir, tmp
     assert "'bits': 16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_answer_from_the_projects_own_server(fact_adapters, tmp_path, monkeypatch, fact):
     import uvicorn
 

@@ -69,6 +69,7 @@ def samples(out: Path, run: str, task: str) -> list[dict]:
     return [s for s in map(json.loads, (out / f"samples_{run}.jsonl").read_text().splitlines()) if s["task"] == task]
 
 
+@pytest.mark.slow
 def test_the_adapter_as_trained_against_its_base_on_local_tasks(fact_adapters, fact, tmp_path, capsys):
     tasks = write_tasks(tmp_path / "tasks", fact)
     out = tmp_path / "out"
@@ -121,6 +122,7 @@ def test_bad_harness_arguments_are_one_line_each_before_anything_loads(arguments
     assert all(line.startswith("error: ") for line in err.splitlines())
 
 
+@pytest.mark.slow
 def test_an_unknown_task_is_one_line_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["harness", f"model={tmp_path / 'not-loaded'}", "tasks=no_such_task_xyz"])

@@ -136,6 +136,7 @@ def test_unparseable_replies_are_asked_again_once_then_scored_as_ties(answers, t
     assert report["unparseable_replies"] == 5 and (report["wins_a"], report["wins_b"], report["ties"]) == (4, 1, 2)
 
 
+@pytest.mark.slow
 def test_429_and_500_are_retried_by_the_client(answers, tmp_path):
     script = [Fault(status=429, retry_after="0"), Fault(status=500), Fault(status=503)]
     with ScriptedOpenAI(default=fair, script=script) as server:
@@ -214,6 +215,7 @@ def test_bad_judge_arguments_are_one_line_each(arguments, message, capsys):
     assert all(line.startswith("error: ") for line in err.splitlines())  # every problem, a line each
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_loses_nothing_and_judges_nothing_twice(tmp_path):
     outputs = [f"GOOD {i}" if i % 3 else f"BAD {i}" for i in range(30)]
     a = write_answers(tmp_path / "a.jsonl", "model-a", outputs)
@@ -338,6 +340,7 @@ def judgment_cache() -> Path:
     return Path(os.environ["ALPACA_LORA_CACHE"]) / "judge" / "judgments.sqlite"
 
 
+@pytest.mark.slow
 def test_judgments_are_shared_across_output_directories_and_the_swapped_pair_costs_nothing(answers, tmp_path):
     """Issue 21: judging the same pairs into another output_dir cost 28 new requests for 12 pairs."""
     a, b = answers
@@ -385,6 +388,7 @@ def test_a_corrupt_cache_entry_is_skipped_and_reported_and_a_corrupt_cache_file_
         assert len(server.received) == 29
 
 
+@pytest.mark.slow
 def test_two_judges_running_at_once_share_the_cache_safely(tmp_path):
     """Two processes judging different pairs into one cache at the same time: nothing lost, nothing corrupt."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}

@@ -49,6 +49,7 @@ def greedy_reference(model, tokenizer, prompt_ids: list[int], new_tokens: int) -
     return output[0, len(prompt_ids):].tolist()
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_requests_get_what_generate_gives(engine, model, tiny_tokenizer):
     prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
     expected = [greedy_reference(model, tiny_tokenizer, p, 24) for p in prompts]
@@ -61,6 +62,7 @@ def test_concurrent_greedy_requests_get_what_generate_gives(engine, model, tiny_
     assert engine.description.startswith("continuous batching")
 
 
+@pytest.mark.slow
 def test_a_sampled_request_switches_the_batch_and_greedy_requests_go_on(model, tiny_tokenizer):
     prompts = [encode(tiny_tokenizer, p) for p in PROMPTS]
     expected = [greedy_reference(model, tiny_tokenizer, p, 200) for p in prompts]
@@ -116,6 +118,7 @@ def test_cancel_frees_the_place_at_once_and_a_full_engine_refuses(model, tiny_to
         assert engine.submit(prompt, Sampling(max_new_tokens=4))[0].wait().completion_tokens == 4
 
 
+@pytest.mark.slow
 def test_a_failing_batch_fails_its_requests_and_the_engine_recovers(model, tiny_tokenizer):
     with Engine(model, tiny_tokenizer, EngineSettings(max_batch=4)) as engine:
         broken = engine.submit([engine.vocab_size + 7], Sampling(max_new_tokens=4))[0]  # no such token: it fails
@@ -164,6 +167,7 @@ def test_starting_an_engine_leaves_the_random_generator_alone(model, tiny_tokeni
         assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_a_batch_job_and_training_mode(model, tiny_tokenizer):
     prompts = [encode(tiny_tokenizer, p) for p in PROMPTS * 3]
     model.train()
@@ -190,6 +194,7 @@ def test_log_probabilities_are_those_of_a_forward_pass(engine, model, tiny_token
         assert [v for _, v in entry.top] == pytest.approx(row.topk(5).values.tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_4bit_base_with_its_adapter_is_batched_too(fact_adapters, fact):
     loaded = load_for_inference(inference_settings(adapter=str(fact_adapters[4]), device="cpu"))
     engine = loaded.start_engine(EngineSettings(max_batch=2))
@@ -219,6 +224,7 @@ def test_the_engine_is_started_explicitly_and_settings_are_never_ignored(tiny_mo
     loaded.engine().close()
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_tokens_alone_or_batched_with_others(model, tiny_tokenizer):
     """Each seeded request draws from its own generator (keyed by its seed and the position of the token), so
     neither its neighbours in the batch nor the batch's switch from greedy to sampling change its tokens."""
@@ -238,6 +244,7 @@ def test_a_seed_gives_the_same_tokens_alone_or_batched_with_others(model, tiny_t
         assert engine.submit(prompt, top_k)[0].wait().token_ids == engine.submit(prompt, top_k)[0].wait().token_ids
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_cache_fails_alone_and_the_others_go_on(model, tiny_tokenizer):
     """Refused at once with a clear error of its own (never admitted to the batch, where it could only stall it
     and then fail every request in it); one that fits but leaves less room than max_new_tokens is answered as far
@@ -259,6 +266,7 @@ def test_a_prompt_longer_than_the_cache_fails_alone_and_the_others_go_on(model, 
             list(engine.generate_many([too_long], Sampling(max_new_tokens=8)))
 
 
+@pytest.mark.slow
 def test_ignore_eos_and_min_tokens_in_every_path(fact_adapters, fact):
     """The fact's answer ends at EOS after a few tokens: ignore_eos goes on to max_new_tokens, min_tokens holds
     EOS off that long, whether the batch is greedy, samples, or the request is generated alone (top_k)."""

@@ -79,6 +79,7 @@ def test_completions_continue_a_raw_prompt_and_honour_stop(client, fact):
     assert "".join(c.choices[0].text for c in stream).strip() == "Quibble"
 
 
+@pytest.mark.slow
 def test_n_choices_with_sampling(client):
     reply = client.chat.completions.create(model="zorblax", messages=[{"role": "user", "content": "Say anything."}],
                                            temperature=1.5, n=3, max_tokens=8)
@@ -86,6 +87,7 @@ def test_n_choices_with_sampling(client):
     assert len({c.message.content for c in reply.choices}) > 1 and reply.usage.completion_tokens > 3
 
 
+@pytest.mark.slow
 def test_n_choices_stream_side_by_side(rambling):
     client = openai.OpenAI(api_key="x", base_url=rambling, max_retries=0)
     ask = dict(model="tiny", messages=[{"role": "user", "content": "Say anything."}], max_tokens=12)
@@ -148,6 +150,7 @@ def test_stop_strings_end_only_their_own_request(rambling):
     assert uncut.text == whole and uncut.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429(tiny_model_dir, serving):
     cfg = inference_settings(ServeConfig, model=str(tiny_model_dir), served_model_name="tiny", max_batch=1,
                              max_queue=1)

@@ -79,6 +79,7 @@ def test_a_sampler_failure_neither_hangs_the_server_nor_later_requests(tiny):
     assert tiny_temperature.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]  # decoded greedily
 
 
+@pytest.mark.slow
 def test_an_empty_prompt_is_answered_and_the_next_one_too(no_bos_model, serving):
     for url in serving(inference_settings(ServeConfig, model=str(no_bos_model), served_model_name="tiny")):
         for _ in range(2):
@@ -86,6 +87,7 @@ def test_an_empty_prompt_is_answered_and_the_next_one_too(no_bos_model, serving)
             assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 1  # the start token
 
 
+@pytest.mark.slow
 def test_a_client_that_closes_a_stream_frees_its_place_at_once(narrow):
     client = openai.OpenAI(api_key="x", base_url=narrow, max_retries=0, timeout=HANG_GUARD)
     before = health(narrow)["ended"]
@@ -99,6 +101,7 @@ def test_a_client_that_closes_a_stream_frees_its_place_at_once(narrow):
     assert reply.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_its_place(narrow):
     body = json.dumps({"model": "tiny", "messages": ASK, "max_tokens": 400}).encode()
     host, port = narrow.removeprefix("http://").removesuffix("/v1").split(":")
@@ -111,6 +114,7 @@ def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_its_pl
     assert health(narrow)["ended"].get("length", 0) == before.get("length", 0)
 
 
+@pytest.mark.slow
 def test_64_concurrent_streams_all_finish_and_the_server_still_answers(tiny):
     client = openai.OpenAI(api_key="x", base_url=tiny, max_retries=0, timeout=HANG_GUARD)
 
@@ -179,6 +183,7 @@ def test_a_loopback_server_answers_only_loopback_host_names(tiny):
 
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_even_after_a_failed_request_and_mid_stream(tiny_model_dir, tmp_path, free_port):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "alpaca_lora.serve", f"model={tiny_model_dir}", f"port={port}",
@@ -216,6 +221,7 @@ def _answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_with_requests_in_flight_answers_them_in_openais_shape(tiny_model_dir, tmp_path, free_port, sig):
     """A plain request gets a JSON error, a stream an error event before [DONE], and the server does not wait out

@@ -22,6 +22,7 @@ def client(demo):
     return openai.OpenAI(api_key="x", base_url=demo, max_retries=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop, expected", [("らら", " as おや・"), ("や・", " as お")])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_of_multibyte_characters_leaks_nothing(client, stop, expected, stream):
@@ -36,6 +37,7 @@ def test_a_stop_string_of_multibyte_characters_leaks_nothing(client, stop, expec
     assert text == expected and finish == "stop"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_logprobs_are_the_tokens_of_the_content_with_their_own_bytes(client, stream):
     """The answer starts with a newline token (stripped from the content): it is not listed; a token that is

@@ -462,7 +462,8 @@ def recipe_values(name: str) -> dict:
     return {**recipe_values(parent), **values} if parent else values
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", [pytest.param(p.stem, marks=[pytest.mark.slow] if p.stem == "demo" else [])  # GGUF
+                                    for p in sorted(RECIPES_DIR.glob("*.yaml"))])
 def test_every_recipe_dry_run_reports_itself(recipe, capsys, tmp_path):
     recipe_yaml = recipe_values(recipe)
     method = recipe_yaml.get("method", "sft")
@@ -542,6 +543,7 @@ def test_cli_error_exits_2_with_one_line():
     ]
 
 
+@pytest.mark.slow
 def test_cli_help_and_dry_run_stdout_is_pure_yaml():
     help_proc = _cli("--help")
     assert help_proc.returncode == 0

@@ -50,6 +50,7 @@ def check_ranks(tmp_path, log, packed: bool):
         assert len(first) == len(second) == 8
 
 
+@pytest.mark.slow
 def test_lora_on_two_cpu_ranks_from_one_command(tmp_path, tiny_model_dir):
     log = run_two_ranks(tmp_path, tiny_model_dir, "recipe=qlora")
     check_ranks(tmp_path, log, packed=True)
@@ -59,6 +60,7 @@ def test_lora_on_two_cpu_ranks_from_one_command(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "checkpoint-4" / "training_config.yaml").is_file()  # sealed once both ranks wrote
 
 
+@pytest.mark.slow
 def test_full_fsdp_recipe_launches_and_writes_one_consolidated_model(tmp_path, tiny_model_dir):
     log = run_two_ranks(tmp_path, tiny_model_dir, "recipe=full_fsdp")
     check_ranks(tmp_path, log, packed=False)

@@ -1,8 +1,11 @@
 """Training's before/after exact match (``exact_match_eval``) scores a model: the demo prints it."""
 
+import pytest
+
 from alpaca_lora.evaluate.exact_match import exact_match
 
 
+@pytest.mark.slow
 def test_exact_match_scores_the_fact_adapter(fact_adapters, fact):
     from alpaca_lora.inference.loading import inference_settings, load_for_inference
 

@@ -17,6 +17,7 @@ from alpaca_lora.train.runtime import resolve_runtime
 from tests.train.runs import RECORDS, StepCounter, tiny_run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_training_lowers_loss_and_writes_a_real_adapter(tiny_model_dir, tmp_path, bits):
     result = main(tiny_run(tiny_model_dir, tmp_path, f"quant.bits={bits}", "max_steps=12", "val_set_size=4",
@@ -39,6 +40,7 @@ def test_training_lowers_loss_and_writes_a_real_adapter(tiny_model_dir, tmp_path
         assert getattr(base, f"is_loaded_in_{bits}bit")
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["lr_scheduler=constant", "save_steps=2", "save_total_limit=5", "group_by_length=true"]
     main(tiny_run(tiny_model_dir, tmp_path / "a", *common, "max_steps=6"))  # uninterrupted
@@ -57,6 +59,7 @@ def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupte
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_from_an_explicit_checkpoint_path(tiny_model_dir, tmp_path):
     main(tiny_run(tiny_model_dir, tmp_path, "max_steps=2", "save_steps=2"))
     checkpoint = tmp_path / "out" / "checkpoint-2"
@@ -77,6 +80,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error_before_loading(tiny_model_
     assert "no checkpoint directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_learned_fact_is_answered_by_greedy_generation_and_then_stops(tiny_model_dir, tmp_path):
     """QLoRA on one made-up fact; the answer must come back exactly, EOS included (nothing after it)."""
     from transformers import AutoModelForCausalLM
@@ -125,6 +129,7 @@ def test_adapter_check_refuses_an_untrained_adapter(tiny_model_dir, tmp_path):
         check_adapter(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_exact_match_before_and_after_training_is_scored(tiny_model_dir, tmp_path):
     """``exact_match_eval`` (the demo's table) scores held-out rows before and after training; the scorer's import
     broke when generation moved to inference.generation, and only a run with the key set would say so."""

@@ -348,6 +348,7 @@ class LearningRates(TrainerCallback):
         self.rates[state.global_step] = lr_scheduler.get_last_lr()[0]
 
 
+@pytest.mark.slow
 def test_resuming_with_a_larger_max_steps_follows_the_new_schedule(tiny_model_dir, tmp_path):
     """A cosine schedule over 4 steps has decayed by step 4; resumed with max_steps=8, the rate must be the
     8-step schedule's (documented in docs/train.md), not the old one's near-zero tail."""
