@@ -24,6 +24,7 @@ from alpaca_lora.common.logs import get_logger
 from alpaca_lora.common.paths import atomic_write_text, plain_permissions
 from alpaca_lora.model_args import LEGACY_SAVED_CONFIGS, SAVED_CONFIG, saved_config
 from alpaca_lora.train import launcher
+from alpaca_lora.train.adapter import name_base_as_given
 from alpaca_lora.train.config import TrainConfig
 
 logger = get_logger(__name__)
@@ -186,8 +187,10 @@ class SealCheckpoints(TrainerCallback):
         PartialState().wait_for_everyone()  # every rank's files (shards, RNG states) are written
         if state.is_world_process_zero:
             plan = (Path(args.output_dir) / SAVED_CONFIG).read_text(encoding="utf-8")
-            plain_permissions(self._checkpoint(args, state))  # safetensors writes 0600 whatever the umask
-            atomic_write_text(self._checkpoint(args, state) / SAVED_CONFIG, plan)
+            checkpoint = self._checkpoint(args, state)
+            plain_permissions(checkpoint)  # safetensors writes 0600 whatever the umask
+            name_base_as_given(checkpoint, saved_config(args.output_dir)["model"])  # a checkpoint can be copied too
+            atomic_write_text(checkpoint / SAVED_CONFIG, plan)
 
     def _unseal_before_save(self, args, state, control) -> None:
         if control.should_save and state.is_world_process_zero:

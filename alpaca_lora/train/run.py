@@ -25,7 +25,7 @@ from alpaca_lora.data.examples import DataSummary, split_records, summarize, tok
 from alpaca_lora.data.loading import LoadedData, load_records
 from alpaca_lora.data.templates import ModelTemplate, Prompter, PromptTemplate, get_template, set_chat_template
 from alpaca_lora.train import launcher
-from alpaca_lora.train.adapter import check_adapter
+from alpaca_lora.train.adapter import check_adapter, name_base_as_given
 from alpaca_lora.train.config import TrainConfig, help_text, load_config, warmup_problem
 from alpaca_lora.train.packing import BatchPlan, batch_plan
 from alpaca_lora.train.runtime import (
@@ -306,7 +306,7 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
             metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
         else:
             metrics["adapter_parameters"] = check_adapter(output_dir)
-            _name_base_as_given(output_dir / "adapter_config.json", cfg.model)
+            name_base_as_given(output_dir, cfg.model)
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_loss(trainer.state.log_history, output_dir / "loss.png", title=f"{cfg.recipe}: {cfg.model}")
         if before is not None:
@@ -315,15 +315,6 @@ def finish(cfg: TrainConfig, data: PreparedData, trainer, result, before, after)
             f"adapter: {output_dir / 'adapter_model.safetensors'}"
         logger.info(f"{weights}; loss curve: {output_dir / 'loss.png'}; metrics: {output_dir / 'metrics.json'}")
     return TrainResult(output_dir, metrics, trainer)
-
-
-def _name_base_as_given(path: Path, model: str) -> None:
-    """The adapter names its base as the user did (a hub id, ``package:...``), not as the path it resolved to on
-    this machine (a cache or site-packages directory), so the adapter directory loads wherever it is copied."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("base_model_name_or_path") != model:
-        config["base_model_name_or_path"] = model
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # as peft writes it
 
 
 def model_card(cfg: TrainConfig, data: PreparedData, steps: int) -> str:

@@ -38,11 +38,12 @@ def test_an_adapter_trained_on_a_package_model_loads_when_copied_to_another_mach
         train(["recipe=qlora", f"model=package:{PACKAGE}/tiny", f"data={tmp_path / 'data.json'}",
                f"output_dir={here / 'adapter'}", "device=cpu", "quant.bits=16", "max_steps=3", "micro_batch_size=1",
                "batch_size=1", "max_length=64", "learning_rate=1e-2", "warmup=0", "report_to=[]",
-               "gradient_checkpointing=false", "val_set_size=0", "save_steps=1000", "exact_match_eval=0"])
+               "gradient_checkpointing=false", "val_set_size=0", "save_steps=2", "exact_match_eval=0"])
     finally:
         uninstall_package(here)
-    config = json.loads((here / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == f"package:{PACKAGE}/tiny"  # not .../here/tinypkg_portable/tiny
+    for adapter in (here / "adapter", here / "adapter" / "checkpoint-2"):  # a checkpoint is an adapter too
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == f"package:{PACKAGE}/tiny", adapter  # not .../here/tinypkg_...
 
     # Another machine: the package installed elsewhere, the adapter copied to a new path, this machine's copies gone.
     shutil.copytree(here / "adapter", there / "adapter")
@@ -55,6 +56,9 @@ def test_an_adapter_trained_on_a_package_model_loads_when_copied_to_another_mach
         alone = load_for_inference(inference_settings(adapter=str(there / "adapter"), device="cpu"))
         assert alone.description.startswith(f"package:{PACKAGE}/tiny (")
         assert merge([f"adapter={there / 'adapter'}", f"output={there / 'merged'}"]) == 0
+        checkpoint = load_for_inference(inference_settings(adapter=str(there / "adapter" / "checkpoint-2"),
+                                                           device="cpu"))
+        assert f"package:{PACKAGE}/tiny" in checkpoint.description
     finally:
         uninstall_package(there / "site-packages")
     assert (there / "merged" / "config.json").is_file()
