@@ -1,4 +1,4 @@
-"""Merge under bad input (issue 14): an output that would destroy the adapter or the base is refused
+"""Merge under bad input: an output that would destroy the adapter or the base is refused
 whatever overwrite says; a model that is neither on disk nor reachable is one line, in merge,
 training and the model loaders alike."""
 

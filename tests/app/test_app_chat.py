@@ -1,4 +1,4 @@
-"""The app's chat view (issue 24): a model trained on conversations answers with its history, through the page's
+"""The app's chat view: a model trained on conversations answers with its history, through the page's
 ``/chat`` endpoint as ``gradio_client`` calls it, prompted exactly as it was trained; a model trained on single
 instructions gets no chat view."""
 

@@ -1,4 +1,4 @@
-"""The data layer under faults and bad input (issue 14): a download is checked before it enters the
+"""The data layer under faults and bad input: a download is checked before it enters the
 cache, is streamed under a size limit, and errors about a cached file name it; a UTF-8 byte-order
 mark is read; deep nesting is one line. Downloads come from an http.server on loopback."""
 

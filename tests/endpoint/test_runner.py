@@ -89,7 +89,7 @@ class Keeping:
 @pytest.mark.parametrize("bad", [Canned(""), Fault(body="<html>oops</html>")])
 def test_records_kept_from_bad_replies_alone_neither_crash_the_run_nor_its_resume(tmp_path, bad):
     """Records so far, yet no reply that succeeded: the estimate of what the requests in flight will bring must not
-    divide by the zero successes (issue 22: a ZeroDivisionError, then the same on every rerun)."""
+    divide by the zero successes (a ZeroDivisionError, then the same on every rerun)."""
     journal = Journal(tmp_path / "j.jsonl")
     budget = Budget(concurrency=3, requests_per_minute=None, max_requests=None, max_cost=None)
     with ScriptedOpenAI(default=lambda body: bad) as server:

@@ -1,4 +1,4 @@
-"""The server's defects found by trying it as a new user would (issue 10), each reproduced here:
+"""The server's defects found by trying it as a new user would, each reproduced here:
 a request that fails must not hang the server, a client that leaves must free its place at once,
 many concurrent streams must all finish, limits must hold, and malformed or hostile requests must
 get OpenAI-shaped errors. Timeouts below only keep a hang from hanging the test run."""

@@ -1,4 +1,4 @@
-"""Training under faults and bad input (issue 14): kill -9 inside checkpoint writes and resume, a
+"""Training under faults and bad input: kill -9 inside checkpoint writes and resume, a
 second run into the same output_dir, a checkpoint of another run, data with no usable example."""
 
 from __future__ import annotations
