@@ -244,10 +244,10 @@ def main() -> None:
     model_dir = resolve_model(MODEL)
     alone, together, batching = measure(args, records, model_dir)
     answered = sum(t for _, t in together["lengths"])  # completion tokens of one phase
-    roof = roofline(model_dir, round(together["prompt_tokens"] / len(records)), answered / len(records),
-                    args.clients, args.threads)
+    prompt_len = round(together["prompt_tokens"] / len(records))
+    roof = roofline(model_dir, prompt_len, answered / len(records), args.clients, args.threads)
     scheduled = schedule_ceiling({k: roof[f"{k}_ms"] / 1e3 for k in ("p1", "pB", "d1", "dB")}, args.clients,
-                                 round(together["prompt_tokens"] / len(records)), together["lengths"])
+                                 prompt_len, together["lengths"])
     identical = sum(len({*a, *b}) == 1 for a, b in zip(alone["answers"], together["answers"]))  # all four phases
     ratio = together["tokens_per_s"] / alone["tokens_per_s"]
     threads = args.threads or torch.get_num_threads()

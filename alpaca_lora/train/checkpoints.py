@@ -173,7 +173,11 @@ def claim_output_dir(cfg: TrainConfig, plan_yaml: str) -> None:
 class SealCheckpoints(TrainerCallback):
     """Marks each checkpoint complete once every process has written it, by copying the run's
     ``training_config.yaml`` into it; a checkpoint about to be written again (after a resume from an
-    older one) loses that mark first, so a kill while it is rewritten leaves it torn, not mixed."""
+    older one) loses that mark first, so a kill while it is rewritten leaves it torn, not mixed. A checkpoint's
+    adapter names its base as the run's ``base`` was given (it can be copied, as the final adapter)."""
+
+    def __init__(self, base: str):
+        self.base = base
 
     def on_step_end(self, args, state, control, **kwargs):
         self._unseal_before_save(args, state, control)
@@ -189,7 +193,7 @@ class SealCheckpoints(TrainerCallback):
             plan = (Path(args.output_dir) / SAVED_CONFIG).read_text(encoding="utf-8")
             checkpoint = self._checkpoint(args, state)
             plain_permissions(checkpoint)  # safetensors writes 0600 whatever the umask
-            name_base_as_given(checkpoint, saved_config(args.output_dir)["model"])  # a checkpoint can be copied too
+            name_base_as_given(checkpoint, self.base)
             atomic_write_text(checkpoint / SAVED_CONFIG, plan)
 
     def _unseal_before_save(self, args, state, control) -> None:

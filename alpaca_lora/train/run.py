@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, runtime: Runtime, callbacks: list | None = None) -> 
     args = setup_run(cfg, runtime, data, memory_plan)
     model = setup_model(cfg, runtime, data.model_path)
     trainer = (setup_preference_trainer if cfg.preference_tuning else setup_trainer)(
-        cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints()])
+        cfg, runtime, data, model, args, [*(callbacks or []), SealCheckpoints(cfg.model)])
     scored = data.val_records[: cfg.exact_match_eval]
     before = _exact_match(trainer.model, data, scored, "before training")
     result = trainer.train(resume_from_checkpoint=data.checkpoint)
